@@ -1,0 +1,122 @@
+"""Experiment configuration: defaults, YAML loading, `key=value` overrides and validation.
+
+One config holds a part's data, synthesis, model, training and prediction settings (configs/partN.yaml).
+Unknown keys and wrong types fail with an error that names the key; the resolved config is saved with each run.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
+
+from synth.engine import SynthConfig
+from synth.io import InputError
+
+DEFAULTS: dict = {
+    "part": 1,
+    "data": {"root": "data/sample", "ok_dir": None, "test_dir": None},
+    "synth": SynthConfig().to_dict(),
+    "model": {
+        "arch": "unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
+        "decoder_channels": [128, 64, 32, 16, 8], "image_head": True, "deep_supervision": True, "cgm": True,
+    },
+    "train": {
+        "epochs": 12, "steps_per_epoch": 40, "batch_size": 16, "lr": 2e-3, "weight_decay": 1e-4,
+        "scheduler": "cosine", "mask_loss": "dice_bce", "image_loss_weight": 0.3, "deep_loss_weight": 0.3,
+        "curriculum": {"schedule": "linear", "start": 0.4, "end": 1.0, "ramp_epochs": 8},
+        "augment": {"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.3, "noise": 0.2, "blur": 0.1,
+                    "shift": 0.2},
+        "val_n": 192, "val_seed": 12345, "val_dir": None, "metric": "score", "early_stopping": 0,
+        "workers": 0, "seed": 0, "device": "auto", "amp": True, "out": "runs/part1", "synth_dir": None,
+    },
+    "predict": {
+        "tta": "flip", "threshold": 0.5, "image_threshold": 0.5, "min_area": 10, "opening": 0,
+        "merge": "mean", "vote_k": None, "weights": None, "tile_overlap": 32, "batch_size": 32, "roi": None,
+    },
+}
+
+CHOICES = {
+    "model.arch": ("unet", "unet3plus"), "model.weights": ("lite", "imagenet", "none"),
+    "model.in_channels": (1, 3), "train.scheduler": ("cosine", "onecycle"),
+    "train.mask_loss": ("dice_bce", "dice_focal"), "train.curriculum.schedule": ("none", "linear", "step"),
+    "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),
+    "predict.merge": ("mean", "vote"),
+}
+
+
+def _check(value, default, key: str, where: str):
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: {key} must be a mapping, got {value!r}")
+        out = copy.deepcopy(default)
+        for k, v in value.items():
+            sub = f"{key}.{k}" if key else k
+            if k not in default and key not in ("synth.params",):
+                hint = difflib.get_close_matches(k, default.keys(), 1)
+                raise InputError(f"{where}: unknown key {sub!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            out[k] = _check(v, default.get(k), sub, where)
+        return out
+    if key in CHOICES and value not in CHOICES[key]:
+        raise InputError(f"{where}: {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) != isinstance(value, bool):
+        raise InputError(f"{where}: {key} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if not isinstance(value, (int, float)) or (isinstance(default, int) and not isinstance(value, int)
+                                                    and not float(value).is_integer()):
+            raise InputError(f"{where}: {key} must be a {type(default).__name__}, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+        raise InputError(f"{where}: {key} must be a list, got {value!r}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise InputError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def set_key(cfg: dict, dotted: str, value) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise InputError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, part: int | None = None) -> dict:
+    """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), validated; errors name the key."""
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise InputError(f"{path}: cannot read config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: a config must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        k, v = item.split("=", 1)
+        set_key(raw, k.strip(), yaml.safe_load(v))
+        where = f"{where} + overrides"
+    if part is not None:
+        raw["part"] = part
+    cfg = _check(raw, DEFAULTS, "", where)
+    try:
+        cfg["synth"] = SynthConfig.from_dict(cfg["synth"]).to_dict()
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{where}: synth: {e}") from None
+    return cfg
+
+
+def config_for_part(part: int) -> Path | None:
+    p = Path(__file__).resolve().parent.parent / "configs" / f"part{part}.yaml"
+    return p if p.exists() else None

@@ -1,0 +1,283 @@
+"""The synthesis engine: OK crops in, labelled defective crops (image, mask, recorded parameters) out.
+
+`DefectSynthesizer.draw(rng, sources)` draws every random choice from the caller's generator and records it;
+`DefectSynthesizer.render(record, sources)` is a pure function of that record, so any sample can be replayed.
+The same engine feeds `synth generate` (files) and `SynthDataset` (on-the-fly training data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .appearance import BLENDS, FILLS, AlphaBlend, PoissonBlend
+from .io import InputError, find_images, read_image, read_mask
+from .params import check_range, check_weights, choose, integer
+from .shapes import SHAPES, ElasticWarp, render_shape
+from .structural import Displacement
+
+MASKED_FAMILIES = ("bezier_blob", "bezier_stroke", "gaussian", "perlin")
+FAMILIES = MASKED_FAMILIES + ("cut_paste", "displacement")
+
+
+@dataclass
+class SynthConfig:
+    """Everything that shapes the synthetic data; validated on construction (errors name the key)."""
+
+    size: int = 128
+    channels: int = 1
+    normal_ratio: float = 0.3
+    max_defects: int = 2
+    difficulty: tuple[float, float] = (0.0, 1.0)
+    families: dict = field(default_factory=lambda: {
+        "bezier_blob": 1.0, "bezier_stroke": 1.0, "gaussian": 0.7, "perlin": 0.5, "cut_paste": 0.3,
+        "displacement": 0.3})
+    fills: dict = field(default_factory=lambda: {"shade": 1.0, "texture": 0.3, "noise": 0.3})
+    blends: dict = field(default_factory=lambda: {"alpha": 1.0, "poisson": 0.4})
+    warp_probability: float = 0.4
+    roi: str | None = None  # None, "auto" (bright part of the crop, Otsu) or a mask image path
+    min_area: int = 4
+    min_contrast: float = 6.0  # mean |change| in grey levels inside the mask for a defect to count
+    max_attempts: int = 60
+    params: dict = field(default_factory=dict)  # per-transform range overrides, e.g. {"bezier_blob": {...}}
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or not 16 <= self.size <= 4096:
+            raise ValueError(f"size: expected an integer in [16, 4096], got {self.size!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 or 3, got {self.channels!r}")
+        check_range("normal_ratio", (self.normal_ratio,) * 2, 0, 1)
+        if not isinstance(self.max_defects, int) or self.max_defects < 1:
+            raise ValueError(f"max_defects: expected an integer >= 1, got {self.max_defects!r}")
+        self.difficulty = check_range("difficulty", self.difficulty, 0, 1)
+        self.families = check_weights("families", self.families, FAMILIES)
+        self.fills = check_weights("fills", self.fills, tuple(FILLS))
+        self.blends = check_weights("blends", self.blends, tuple(BLENDS))
+        check_range("warp_probability", (self.warp_probability,) * 2, 0, 1)
+        if self.roi not in (None, "auto") and not Path(self.roi).is_file():
+            raise ValueError(f"roi: expected 'auto' or a mask image file, got {self.roi!r} (no such file)")
+        known = set(SHAPES) | set(FILLS) | {"alpha", "elastic", "displacement"}
+        for k in self.params:
+            if k not in known:
+                raise ValueError(f"params: unknown transform {k!r} (known: {', '.join(sorted(known))})")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SynthConfig":
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in names:
+                raise ValueError(f"synth.{k}: unknown key (known: {', '.join(sorted(names))})")
+        if "difficulty" in d:
+            d["difficulty"] = tuple(d["difficulty"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["difficulty"] = list(self.difficulty)
+        return d
+
+
+class SourcePool:
+    """The OK images a run draws from: scanned once (bad files reported and skipped), decoded lazily, cached."""
+
+    def __init__(self, root: str | Path, channels: int = 1, size: int = 128, warn=None, paths=None):
+        self.root = Path(root)
+        self.channels, self.size = channels, size
+        self.bad: list[str] = []
+        if paths is None:
+            paths = []
+            for p in find_images(self.root, warn=self._warner(warn)):
+                try:
+                    read_image(p, channels)
+                    paths.append(p.relative_to(self.root).as_posix() if self.root.is_dir() else p.name)
+                except InputError as e:
+                    self._warner(warn)(str(e))
+            if not paths:
+                raise InputError(f"{self.root}: none of the image files could be read")
+        self.paths = list(paths)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _warner(self, warn):
+        def w(msg):
+            self.bad.append(msg)
+            if warn:
+                warn(msg)
+        return w
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index(self, rel: str) -> int:
+        return self.paths.index(rel)
+
+    def load(self, i: int) -> np.ndarray:
+        """Image i, reflect-padded to at least `size` on each side (documented: small images are padded)."""
+        if i not in self._cache:
+            img = read_image(self.root / self.paths[i], self.channels)
+            h, w = img.shape[:2]
+            if h < self.size or w < self.size:
+                dh, dw = max(0, self.size - h), max(0, self.size - w)
+                img = cv2.copyMakeBorder(img, dh // 2, dh - dh // 2, dw // 2, dw - dw // 2, cv2.BORDER_REFLECT_101)
+            self._cache[i] = img
+        return self._cache[i]
+
+
+def auto_roi(crop: np.ndarray) -> np.ndarray:
+    """Bright part of the crop (Otsu threshold on the blurred grey image), eroded by 2 px."""
+    gray = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    _, m = cv2.threshold(cv2.GaussianBlur(gray, (5, 5), 0), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return cv2.erode(m, np.ones((5, 5), np.uint8))
+
+
+def measure_difficulty(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(difficulty in [0, 1], mean contrast in grey levels) of a rendered defect.
+
+    Small, low-contrast, soft-edged defects are hard: difficulty = 1 - (0.35 size + 0.5 contrast + 0.15 edge),
+    each term in [0, 1]: size on a log scale from 9 px to 10 % of the crop, contrast as the mean absolute change
+    inside the mask over 60 grey levels, edge sharpness as the mean change on the mask's inner rim over 40.
+    """
+    area = int(mask.sum())
+    if area == 0:
+        return 1.0, 0.0
+    diff = cv2.absdiff(after, before).astype(np.float32)
+    if diff.ndim == 3:
+        diff = diff.mean(2)
+    m = mask > 0
+    contrast = float(diff[m].mean())
+    rim = m & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
+    edge = float(diff[rim].mean()) if rim.any() else contrast
+    big = 0.1 * mask.size
+    size_ease = np.clip((math.log(area) - math.log(9)) / (math.log(big) - math.log(9)), 0, 1)
+    ease = 0.35 * size_ease + 0.5 * min(contrast / 60, 1) + 0.15 * min(edge / 40, 1)
+    return round(float(1 - ease), 4), contrast
+
+
+class DefectSynthesizer:
+    """Draws and renders synthetic defects on OK crops according to a SynthConfig."""
+
+    def __init__(self, config: SynthConfig | None = None):
+        self.config = config = config or SynthConfig()
+        p = config.params
+        self.shapes = {name: cls(**p.get(name, {})) for name, cls in SHAPES.items()}
+        self.fills = {name: cls(**p.get(name, {})) for name, cls in FILLS.items()}
+        self.alpha = AlphaBlend(**p.get("alpha", {}))
+        self.poisson = PoissonBlend()
+        self.warp = ElasticWarp(**p.get("elastic", {}))
+        self.displacement = Displacement(**p.get("displacement", {}))
+        self._roi_file = read_mask(config.roi) if config.roi not in (None, "auto") else None
+
+    # ----------------------------------------------------------------------------------------- drawing
+    def _draw_defect(self, rng: np.random.Generator, source_shape) -> dict:
+        c, size = self.config, self.config.size
+        family = choose(rng, c.families)
+        if family == "displacement":
+            return {"family": family, "displacement": self.displacement.get_params(rng, size)}
+        if family == "cut_paste":
+            shape = {"kind": "rectangle", **self.shapes["rectangle"].get_params(rng, size)}
+            fill = {"kind": "texture", **self.fills["texture"].get_params(rng, size, source_shape)}
+            blend = {"kind": "alpha", "softness": round(float(rng.uniform(0, 0.5)), 3)}
+            return {"family": family, "shape": shape, "warp": None, "fill": fill, "blend": blend}
+        shape = {"kind": family, **self.shapes[family].get_params(rng, size)}
+        warp = self.warp.get_params(rng, size) if rng.uniform() < c.warp_probability else None
+        fill_kind = choose(rng, c.fills)
+        extra = (source_shape,) if fill_kind == "texture" else ()
+        fill = {"kind": fill_kind, **self.fills[fill_kind].get_params(rng, size, *extra)}
+        blend_kind = choose(rng, c.blends)
+        blend = {"kind": blend_kind, **(self.alpha if blend_kind == "alpha" else self.poisson).get_params(rng, size)}
+        return {"family": family, "shape": shape, "warp": warp, "fill": fill, "blend": blend}
+
+    def draw(self, rng: np.random.Generator, sources: SourcePool, max_difficulty: float | None = None):
+        """Draw one sample: returns (image, mask {0,1}, record). The record replays it through `render`."""
+        c, size = self.config, self.config.size
+        i = int(rng.integers(len(sources)))
+        src = sources.load(i)
+        h, w = src.shape[:2]
+        box = [int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1)), size, size]
+        record = {"source": sources.paths[i], "crop": box, "normal": True, "defects": [], "families": [],
+                  "difficulty": None, "mask_area": 0}
+        crop = self._crop(src, box)
+        if rng.uniform() < c.normal_ratio:
+            return crop, np.zeros((size, size), np.uint8), record
+        lo, hi = c.difficulty
+        if max_difficulty is not None:
+            hi = max(lo, min(hi, max_difficulty))
+        best = None
+        for attempt in range(1, c.max_attempts + 1):
+            defects = [self._draw_defect(rng, src.shape) for _ in range(integer(rng, (1, c.max_defects)))]
+            image, mask, visible = self._render_defects(crop, src, box, defects)
+            defects = [d for d, v in zip(defects, visible) if v]
+            diff, _ = measure_difficulty(crop, image, mask)
+            if not defects or mask.sum() < c.min_area:
+                continue
+            gap = max(lo - diff, diff - hi, 0)
+            if best is None or gap < best[0]:
+                best = (gap, image, mask, defects, diff, attempt)
+            if gap == 0:
+                break
+        if best is None:  # nothing visible could be placed (e.g. empty region of interest): stays normal
+            record["note"] = "no visible defect could be placed"
+            return crop, np.zeros((size, size), np.uint8), record
+        _, image, mask, defects, diff, attempt = best
+        record.update(normal=False, defects=defects, families=sorted({d["family"] for d in defects}),
+                      difficulty=diff, mask_area=int(mask.sum()), attempts=attempt)
+        return image, mask, record
+
+    # --------------------------------------------------------------------------------------- rendering
+    @staticmethod
+    def _crop(src: np.ndarray, box) -> np.ndarray:
+        x, y, w, h = box
+        return src[y:y + h, x:x + w].copy()
+
+    def _roi(self, crop: np.ndarray, src: np.ndarray, box) -> np.ndarray | None:
+        if self.config.roi == "auto":
+            return auto_roi(crop)
+        if self._roi_file is not None:
+            full = cv2.resize(self._roi_file, (src.shape[1], src.shape[0]), interpolation=cv2.INTER_NEAREST)
+            return self._crop(full, box)
+        return None
+
+    def _render_defects(self, crop, src, box, defects):
+        """Render defects in order; one whose mean change inside its mask is under `min_contrast` grey levels
+        (invisible, so its label would be noise) is left out. Returns (image, mask, which were kept)."""
+        size = self.config.size
+        roi = self._roi(crop, src, box)
+        image, total, visible = crop, np.zeros((size, size), np.uint8), []
+        for d in defects:
+            before = image
+            if d["family"] == "displacement":
+                moved, m = Displacement.render(image, d["displacement"])
+                if roi is not None:
+                    m = m & roi
+                image = np.where((m[..., None] if image.ndim == 3 else m) > 0, moved, image)
+            else:
+                m = render_shape(d["shape"], size)
+                if d["warp"]:
+                    m = ElasticWarp.render(m, d["warp"])
+                if roi is not None:
+                    m = m & roi
+                if m.any():
+                    fill = FILLS[d["fill"]["kind"]].render(image, m, d["fill"], src)
+                    image = BLENDS[d["blend"]["kind"]].render(image, fill, m, d["blend"])
+            ok = bool(m.any()) and measure_difficulty(before, image, m)[1] >= self.config.min_contrast
+            visible.append(ok)
+            if ok:
+                total |= m
+            else:
+                image = before
+        return image, total, visible
+
+    def render(self, record: dict, sources: SourcePool) -> tuple[np.ndarray, np.ndarray]:
+        """Replay a recorded sample exactly: a pure function of the record (and the source image)."""
+        src = sources.load(sources.index(record["source"]))
+        crop = self._crop(src, record["crop"])
+        if record["normal"]:
+            return crop, np.zeros(crop.shape[:2], np.uint8)
+        return self._render_defects(crop, src, record["crop"], record["defects"])[:2]
+
+
+__all__ = ["SynthConfig", "SourcePool", "DefectSynthesizer", "measure_difficulty", "FAMILIES"]

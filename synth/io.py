@@ -1,0 +1,171 @@
+"""Image discovery, reading and atomic writing shared by every command.
+
+All pixel data inside the toolkit is uint8, gray (H, W) or BGR (H, W, 3); 16-bit inputs are scaled down here,
+once, so synthetic defects are always made in the same range as the images they are mixed with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+IMAGE_EXTS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+class InputError(Exception):
+    """Bad input from the user: the message names the file and the problem."""
+
+
+def find_images(root: str | Path, warn=None) -> list[Path]:
+    """All image files below `root`, recursively, sorted; other files are reported through `warn`.
+
+    Raises InputError when `root` is missing, not a folder, or holds no image.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: folder does not exist")
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    found = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() in IMAGE_EXTS:
+            found.append(path)
+        elif warn is not None:
+            warn(f"{path}: not an image file, skipped")
+    if not found:
+        raise InputError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTS))}) found")
+    return found
+
+
+def to_uint8(img: np.ndarray, path: str | Path = "") -> np.ndarray:
+    """Scale 16-bit to 8-bit (divide by 257); pass uint8 through; anything else is an InputError."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return np.round(img.astype(np.float32) / 257.0).astype(np.uint8)
+    raise InputError(f"{path}: unsupported pixel type {img.dtype} (8- or 16-bit images only)")
+
+
+def convert_channels(img: np.ndarray, channels: int, path: str | Path = "") -> np.ndarray:
+    """Return gray (H, W) for channels=1, BGR (H, W, 3) for channels=3."""
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if channels == 1:
+        return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if channels == 3:
+        return img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    raise InputError(f"{path}: channels must be 1 or 3, got {channels}")
+
+
+def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """Read an image as uint8 gray or BGR; raise InputError naming the file if it cannot be decoded."""
+    path = Path(path)
+    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+    if data is None:
+        raise InputError(f"{path}: file does not exist")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise InputError(f"{path}: cannot be decoded as an image (empty or corrupt file?)")
+    return convert_channels(to_uint8(img, path), channels, path)
+
+
+def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask PNG as uint8 {0, 1}; any non-zero pixel is foreground."""
+    m = read_image(path, channels=1)
+    if shape is not None and m.shape != tuple(shape):
+        raise InputError(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, image is {shape[1]}x{shape[0]}")
+    return (m > 0).astype(np.uint8)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def encode_png(img: np.ndarray, compression: int = 1) -> bytes:
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def write_png(path: str | Path, img: np.ndarray, compression: int = 1) -> None:
+    atomic_write_bytes(path, encode_png(img, compression))
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file, dropping a torn last line left by an interrupted writer (and truncating it away)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    rows, good_end, pos = [], 0, 0
+    for line in raw.split(b"\n"):
+        end = pos + len(line) + 1
+        if line.strip():
+            if end > len(raw):  # no trailing newline: the writer was interrupted
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_end = end
+        pos = end
+    if good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return rows
+
+
+def append_jsonl(f, rows: Iterable[dict]) -> None:
+    for row in rows:
+        f.write(json.dumps(row, separators=(",", ":")) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def competition_dir(root: str | Path, part: int | None, kind: str) -> Path:
+    """Resolve `OK_Images` / `TC_Images` for a part from a competition-layout root, or return `root` itself.
+
+    Accepts `<root>/round_train/partN/OK_Images`, `<root>/partN/OK_Images` and `<root>` holding images directly.
+    """
+    root = Path(root)
+    if part is None:
+        return root / kind if (root / kind).is_dir() else root
+    for cand in (root / f"round_train/part{part}/{kind}", root / f"round_test/part{part}/{kind}",
+                 root / f"part{part}/{kind}", root / kind):
+        if cand.is_dir():
+            return cand
+    raise InputError(f"{root}: no part{part}/{kind} folder (expected the competition layout, "
+                     f"e.g. {root}/round_train/part{part}/OK_Images)")
+
+
+def read_json_file(path: str | Path):
+    """Read a JSON file; an unreadable one is an InputError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot be read as JSON ({e})") from None
