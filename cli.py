@@ -147,6 +147,164 @@ def synth_preview(
         console.print(f"wrote {output} ({k} samples)")
 
 
+# -------------------------------------------------------------------------------------------------- seg
+@seg_app.command("train")
+def seg_train(
+    part: Optional[int] = PartOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+    data: Optional[Path] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (overrides train.out)."),
+    epochs: Optional[int] = typer.Option(None, help="Overrides train.epochs."),
+    val_dir: Optional[Path] = typer.Option(None, help="Real labelled folder (images + masks beside) for validation."),
+    synth_dir: Optional[Path] = typer.Option(None, help="Train on a `synth generate` folder instead of on the fly."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
+):
+    """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png)."""
+    from seg.train import train
+
+    with user_errors():
+        cfg = load(config, set_, part)
+        if data is not None:
+            cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        for key, value in (("out", out), ("epochs", epochs), ("val_dir", val_dir), ("synth_dir", synth_dir)):
+            if value is not None:
+                cfg["train"][key] = str(value) if isinstance(value, Path) else value
+        summary = train(cfg, resume=resume, log=lambda m: console.print(m, highlight=False),
+                        progress=Bar, warn=warn)
+        console.print(f"best {cfg['train']['metric']} {summary['best']:.4f} at epoch {summary['best_epoch']}; "
+                      f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
+
+
+# --------------------------------------------------------------------------------------------- ensemble
+CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A `seg train` checkpoint (repeatable: an ensemble).")
+EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `ensemble calibrate`.")
+
+
+def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto"):
+    """(Ensemble, params): settings from the first checkpoint's config <- ensemble.json <- command-line flags."""
+    from ensemble.models import Ensemble
+    from seg.train import load_checkpoint
+    from synth.io import read_json_file
+
+    spec = read_json_file(ensemble_file) if ensemble_file else {}
+    paths = list(checkpoint or spec.get("checkpoints") or [])
+    if not paths:
+        raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
+    p = dict(load_checkpoint(paths[0])["config"]["predict"])
+    p.update(spec.get("params", {}))
+    for key in ("tta", "merge", "vote_k", "weights"):
+        if key in spec:
+            p[key] = spec[key]
+    for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
+        if value is not None:
+            p[key] = value
+    ens = Ensemble(paths, device, p["tta"], p["merge"], p["vote_k"], p["weights"], p["threshold"],
+                   p["batch_size"], p["tile_overlap"])
+    return ens, p
+
+
+def test_dir(images: Optional[Path], part: Optional[int], data: Optional[Path]) -> Path:
+    if images is not None:
+        return images
+    if data is None:
+        raise InputError("no test images: give --images DIR, or --data ROOT with --part N")
+    return competition_dir(data, part, "TC_Images")
+
+
+ImagesOpt = typer.Option(None, "--images", "-i", help="Folder of test images (or --data ROOT --part N).")
+TtaOpt = typer.Option(None, "--tta", help="none | flip | d4")
+MergeOpt = typer.Option(None, "--merge", help="mean (probabilities) | vote (k-of-n binarised masks)")
+VoteOpt = typer.Option(None, "--vote-k", help="Votes needed with --merge vote (default: majority).")
+WeightsOpt = typer.Option(None, "--weight", help="Per-model weight, in checkpoint order (repeatable).")
+
+
+@ensemble_app.command("predict")
+def ensemble_predict(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (replaced atomically)."),
+    checkpoint: Optional[List[Path]] = CkptOpt, ensemble_file: Optional[Path] = EnsOpt,
+    images: Optional[Path] = ImagesOpt, part: Optional[int] = PartOpt, data: Optional[Path] = DataOpt,
+    tta: Optional[str] = TtaOpt, merge: Optional[str] = MergeOpt, vote_k: Optional[int] = VoteOpt,
+    weight: Optional[List[float]] = WeightsOpt,
+    threshold: Optional[float] = typer.Option(None, help="Pixel probability threshold."),
+    image_threshold: Optional[float] = typer.Option(None, help="Image-level threshold."),
+    min_area: Optional[int] = typer.Option(None, help="Drop components under this many pixels."),
+    opening: Optional[int] = typer.Option(None, help="Morphological opening kernel (px), 0 = off."),
+    roi: Optional[Path] = typer.Option(None, help="Region-of-interest mask applied to every image."),
+    zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
+    overlays: bool = typer.Option(True, help="Write overlay PNGs."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""
+    from ensemble.predict import run_predict
+    from synth.io import find_images
+
+    with user_errors():
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight,
+                                {"threshold": threshold, "image_threshold": image_threshold,
+                                 "min_area": min_area, "opening": opening}, device)
+        src = test_dir(images, part, data)
+        n = len(find_images(src))
+        with Bar("predict", n) as bar:
+            s = run_predict(ens, src, out, p, roi=roi, zip_prefix=zip_prefix, overlays=overlays, progress=bar,
+                            warn=warn)
+        console.print(f"{s['images']} images, {s['defective']} judged defective; {s['images_per_s']:.1f} images/s "
+                      f"({len(ens.models)} model(s) x tta {ens.tta_mode}); outputs in {out}")
+
+
+@ensemble_app.command("calibrate")
+def ensemble_calibrate(
+    val_dir: Path = typer.Option(..., "--val-dir", help="Labelled validation images (masks or labels beside)."),
+    out: Path = typer.Option(Path("ensemble.json"), "--out", "-o", help="Where to save the calibrated ensemble."),
+    checkpoint: Optional[List[Path]] = CkptOpt, ensemble_file: Optional[Path] = EnsOpt,
+    tta: Optional[str] = TtaOpt, merge: Optional[str] = MergeOpt, vote_k: Optional[int] = VoteOpt,
+    weight: Optional[List[float]] = WeightsOpt,
+    target_overkill: float = typer.Option(0.0, help="With only normal images: allowed false-alarm rate."),
+    device: str = typer.Option("auto"),
+):
+    """Choose threshold, image threshold and min_area for the best competition score; save with the ensemble."""
+    from ensemble.calibrate import calibrate
+    from ensemble.evaluate import load_ground_truth
+    from synth.io import read_image, write_json
+
+    with user_errors():
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {}, device)
+        paths, _, gt = load_ground_truth(val_dir) if _has_gt(val_dir) else _normals(val_dir)
+        imgs = [read_image(x, ens.channels) for x in paths]
+        report = calibrate(ens, imgs, gt, p, target_overkill)
+        spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
+                "weights": [float(w) for w in ens.weights], "params": report["params"], "calibration": report}
+        write_json(out, spec)
+        console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}")
+
+
+def _has_gt(folder: Path) -> bool:
+    return any((folder.parent / n).is_dir() for n in ("TC_Masks", "masks", "Masks", "TC_Labels", "labels"))
+
+
+def _normals(folder: Path):
+    """A folder without ground truth is taken as normal images only."""
+    import numpy as np
+
+    from synth.io import find_images, read_image
+
+    paths = find_images(folder)
+    return paths, None, [np.zeros(read_image(p).shape[:2], np.uint8) for p in paths]
+
+
+@ensemble_app.command("evaluate")
+def ensemble_evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Output of `ensemble predict`, or a folder of submission JSONs."),
+    images: Optional[Path] = ImagesOpt, part: Optional[int] = PartOpt, data: Optional[Path] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: --pred)."),
+    name: str = typer.Option("model", help="Row name in the markdown table."),
+):
+    """Competition score (escape, overkill, mIoU), pixel AUROC/AP, Dice/IoU, image AUROC; JSON, markdown, HTML."""
+    from ensemble.evaluate import evaluate, markdown_table
+
+    with user_errors():
+        m = evaluate(pred, test_dir(images, part, data), out, name)
+        console.print(markdown_table({name: m}), highlight=False)
+
+
 def main() -> None:
     app()
 

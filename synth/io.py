@@ -112,8 +112,18 @@ def write_png(path: str | Path, img: np.ndarray, compression: int = 1) -> None:
     atomic_write_bytes(path, encode_png(img, compression))
 
 
+def _plain(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
 def write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_plain) + "\n").encode())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -1,0 +1,155 @@
+"""`ensemble evaluate`: predictions (mask PNGs or submission JSONs, plus probabilities and scores when present)
+against ground truth (mask PNGs or submission-format JSONs). Writes eval.json, eval.md and eval.html."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+from pathlib import Path
+
+import numpy as np
+
+from synth.io import InputError, atomic_write_bytes, encode_png, find_images, read_image, read_json_file, \
+    read_mask, write_json
+from synth.preview import outline
+
+from .metrics import average_precision, competition_score, dice_iou, iou, roc_auc
+from .submission import read_submission, record_to_mask
+
+GT_MASK_DIRS = ("TC_Masks", "masks", "Masks")
+GT_LABEL_DIRS = ("TC_Labels", "labels")
+
+
+def stem_of(path: Path, root: Path) -> str:
+    return path.relative_to(root).with_suffix("").as_posix().replace("/", "__")
+
+
+def load_ground_truth(image_dir: str | Path) -> tuple[list[Path], list[str], list[np.ndarray]]:
+    """Test images and their masks: PNG masks in TC_Masks/masks beside `image_dir`, else submission-format
+    JSONs in TC_Labels/labels (a crop with no JSON is normal)."""
+    image_dir = Path(image_dir)
+    paths = find_images(image_dir)
+    stems = [stem_of(p, image_dir) for p in paths]
+    for name in GT_MASK_DIRS:
+        d = image_dir.parent / name
+        if d.is_dir():
+            masks = []
+            for p in paths:
+                m = d / p.relative_to(image_dir).with_suffix(".png")
+                if not m.exists():
+                    raise InputError(f"{m}: ground-truth mask missing for {p}")
+                masks.append(read_mask(m))
+            return paths, stems, masks
+    for name in GT_LABEL_DIRS:
+        d = image_dir.parent / name
+        if d.is_dir():
+            shapes = [read_image(p).shape[:2] for p in paths]
+            masks = []
+            for p, s, shape in zip(paths, stems, shapes):
+                j = d / f"{p.stem}.json"
+                masks.append(record_to_mask(read_json_file(j), j) if j.exists() else np.zeros(shape, np.uint8))
+            return paths, stems, masks
+    raise InputError(f"{image_dir}: no ground truth beside it ({', '.join(GT_MASK_DIRS + GT_LABEL_DIRS)})")
+
+
+def load_predictions(pred: str | Path, stems: list[str], shapes) -> tuple[list[np.ndarray], list | None, dict | None]:
+    """(masks, probability maps or None, image scores or None) from a predict folder or a folder of JSONs."""
+    pred = Path(pred)
+    if not pred.is_dir():
+        raise InputError(f"{pred}: prediction folder does not exist")
+    if (pred / "masks").is_dir():
+        masks = []
+        for s, shape in zip(stems, shapes):
+            p = pred / "masks" / f"{s}.png"
+            if not p.exists():
+                raise InputError(f"{p}: no predicted mask for test image {s}")
+            masks.append(read_mask(p, shape))
+    else:
+        json_dir = pred / "submission" if (pred / "submission").is_dir() else pred
+        masks = [read_submission(json_dir, [s], shape)[0] for s, shape in zip(stems, shapes)]
+    probs = None
+    if (pred / "probs").is_dir():
+        probs = [read_image(pred / "probs" / f"{s}.png").astype(np.float32) / 255 for s in stems]
+    scores = None
+    if (pred / "scores.csv").exists():
+        with open(pred / "scores.csv") as f:
+            scores = {r["stem"]: float(r["image_score"]) for r in csv.DictReader(f)}
+    return masks, probs, scores
+
+
+def compute_metrics(pred: list[np.ndarray], gt: list[np.ndarray], probs=None, scores=None) -> dict:
+    """Every figure of the shared evaluation, from masks (+ probability maps, + image scores when given)."""
+    m = competition_score(pred, gt)
+    m["dice"], m["iou"] = dice_iou(pred, gt)
+    labels = np.array([g.any() for g in gt])
+    if probs is not None:
+        flat_p = np.concatenate([p.ravel() for p in probs])
+        flat_g = np.concatenate([g.ravel() > 0 for g in gt])
+        m["pixel_auroc"], m["pixel_ap"] = roc_auc(flat_p, flat_g), average_precision(flat_p, flat_g)
+    if scores is not None:
+        m["image_auroc"] = roc_auc(np.asarray(scores), labels)
+    m["image_acc"] = float(np.mean([p.any() == g for p, g in zip(pred, labels)]))
+    return m
+
+
+COLUMNS = [("score", "score"), ("escape", "escape"), ("overkill", "overkill"), ("miou", "mIoU"),
+           ("pixel_ap", "pixel AP"), ("pixel_auroc", "pixel AUROC"), ("image_auroc", "image AUROC"),
+           ("dice", "Dice"), ("iou", "IoU"), ("image_acc", "image acc")]
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """One row per method: `rows` maps a name to its metrics."""
+    head = "| method | " + " | ".join(c for _, c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, m in rows.items():
+        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) and not np.isnan(m[k]) else "-" for k, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _img_tag(arr: np.ndarray) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(encode_png(arr)).decode()}" width="192">'
+
+
+def html_report(paths, stems, gt, pred, metrics: dict, scores, k: int = 12) -> str:
+    """Worst misses (defective crops escaped or with the lowest IoU) and false alarms (normal crops flagged,
+    highest score first), each with ground truth in green and prediction in red."""
+    idx_def = [i for i, g in enumerate(gt) if g.any()]
+    misses = sorted(idx_def, key=lambda i: (pred[i].any(), iou(pred[i], gt[i])))[:k]
+    alarms = [i for i, g in enumerate(gt) if not g.any() and pred[i].any()]
+    alarms = sorted(alarms, key=lambda i: -(scores[i] if scores is not None else pred[i].sum()))[:k]
+
+    def card(i):
+        img = read_image(paths[i], 3)
+        both = outline(outline(img, gt[i], (0, 200, 0)), pred[i], (0, 0, 255))
+        note = f"IoU {iou(pred[i], gt[i]):.2f}" if gt[i].any() else "normal"
+        if scores is not None:
+            note += f", score {scores[i]:.3f}"
+        return f'<figure>{_img_tag(both)}<figcaption>{html.escape(stems[i])}<br>{note}</figcaption></figure>'
+
+    table = "".join(f"<tr><td>{c}</td><td>{metrics[key]:.4f}</td></tr>" for key, c in COLUMNS
+                    if isinstance(metrics.get(key), float))
+    return ("<!doctype html><meta charset='utf-8'><title>evaluation</title><style>body{font-family:sans-serif}"
+            "figure{display:inline-block;margin:4px;font-size:11px}td{padding:2px 8px}</style>"
+            f"<h1>Evaluation</h1><table>{table}</table><p>green: ground truth, red: prediction</p>"
+            f"<h2>Worst misses</h2>{''.join(card(i) for i in misses)}"
+            f"<h2>False alarms</h2>{''.join(card(i) for i in alarms) or '<p>none</p>'}")
+
+
+def evaluate(pred_dir: str | Path, gt_images: str | Path, out: str | Path | None = None, name: str = "model") -> dict:
+    paths, stems, gt = load_ground_truth(gt_images)
+    pred, probs, score_map = load_predictions(pred_dir, stems, [g.shape for g in gt])
+    scores = None
+    if score_map is not None:
+        missing = [s for s in stems if s not in score_map]
+        if missing:
+            raise InputError(f"{Path(pred_dir) / 'scores.csv'}: no score for {missing[0]}")
+        scores = [score_map[s] for s in stems]
+    metrics = compute_metrics(pred, gt, probs, scores)
+    out = Path(out or pred_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", metrics)
+    atomic_write_bytes(out / "eval.md", markdown_table({name: metrics}).encode())
+    atomic_write_bytes(out / "eval.html", html_report(paths, stems, gt, pred, metrics, scores).encode())
+    return metrics

@@ -1,0 +1,49 @@
+"""From a probability (or anomaly) map to a binary mask and an image-level decision; shared by all methods."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def remove_small(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop connected components (8-connected) smaller than `min_area` pixels."""
+    if min_area <= 1 or not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels].astype(np.uint8)
+
+
+def postprocess(prob: np.ndarray, threshold: float = 0.5, min_area: int = 0, opening: int = 0,
+                roi: np.ndarray | None = None, hits: np.ndarray | None = None) -> np.ndarray:
+    """Binary uint8 {0,1} mask: `prob >= threshold` (or the given `hits`, e.g. a k-of-n vote), optional opening
+    (kernel size px), region of interest, then components under `min_area` dropped."""
+    mask = (prob >= threshold).astype(np.uint8) if hits is None else hits.astype(np.uint8)
+    if opening and opening > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (opening,) * 2))
+    if roi is not None:
+        mask &= (roi > 0).astype(np.uint8)
+    return remove_small(mask, min_area)
+
+
+def image_score(prob: np.ndarray, image_prob: float | None) -> float:
+    """The image-level evidence: the image head's probability when the model has one, else the peak pixel."""
+    return float(image_prob) if image_prob is not None else float(prob.max())
+
+
+def decide(mask: np.ndarray, prob: np.ndarray, image_prob: float | None, image_threshold: float) -> bool:
+    """Defective when the post-processed mask is non-empty and the image-level evidence passes its threshold:
+    the image head's probability when the model has one, else the peak pixel probability inside the mask."""
+    if not mask.any():
+        return False
+    evidence = image_prob if image_prob is not None else float(prob[mask > 0].max())
+    return evidence >= image_threshold
+
+
+def final_mask(prob: np.ndarray, image_prob: float | None, p: dict, roi: np.ndarray | None = None,
+               hits: np.ndarray | None = None) -> np.ndarray:
+    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees)."""
+    mask = postprocess(prob, p["threshold"], p["min_area"], p["opening"], roi, hits)
+    return mask if decide(mask, prob, image_prob, p["image_threshold"]) else np.zeros_like(mask)

@@ -1,0 +1,116 @@
+"""Training and validation data: augmentations (albumentations), pre-generated synth folders, labelled folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from synth.dataset import to_tensors
+from synth.io import InputError, find_images, read_image, read_jsonl, read_mask
+
+
+def build_augment(cfg: dict) -> A.Compose | None:
+    """Flips, rot90, brightness/contrast, Gaussian noise, blur and small shifts; each value is a probability."""
+    t = []
+    if cfg.get("flip"):
+        t += [A.HorizontalFlip(p=cfg["flip"]), A.VerticalFlip(p=cfg["flip"])]
+    if cfg.get("rot90"):
+        t.append(A.RandomRotate90(p=cfg["rot90"]))
+    if cfg.get("brightness_contrast"):
+        t.append(A.RandomBrightnessContrast(0.15, 0.15, p=cfg["brightness_contrast"]))
+    if cfg.get("noise"):
+        t.append(A.GaussNoise(std_range=(0.01, 0.04), p=cfg["noise"]))
+    if cfg.get("blur"):
+        t.append(A.GaussianBlur(blur_limit=(3, 3), p=cfg["blur"]))
+    if cfg.get("shift"):
+        t.append(A.Affine(translate_percent=(-0.06, 0.06), border_mode=4, p=cfg["shift"]))
+    return A.Compose(t, seed=None) if t else None
+
+
+class SeededAugment:
+    """Apply an albumentations pipeline with a per-sample seed (reproducible whatever the worker)."""
+
+    def __init__(self, compose: A.Compose | None):
+        self.compose = compose
+
+    def __call__(self, image, mask, seed: int):
+        if self.compose is None:
+            return image, mask
+        self.compose.set_random_seed(seed)
+        out = self.compose(image=image, mask=mask)
+        return out["image"], out["mask"]
+
+
+class SynthFolderDataset(Dataset):
+    """A `synth generate` folder; `max_difficulty` hides defective samples above the ceiling (curriculum)."""
+
+    def __init__(self, folder: str | Path, channels: int = 1, augment=None, seed: int = 0):
+        self.folder = Path(folder)
+        self.rows = read_jsonl(self.folder / "manifest.jsonl")
+        if not self.rows:
+            raise InputError(f"{self.folder}: no manifest.jsonl with samples (run `synth generate` first)")
+        self.channels, self.augment, self.seed = channels, SeededAugment(augment), seed
+        self.active = list(range(len(self.rows)))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, max_difficulty: float | None = None) -> None:
+        self.epoch = epoch
+        cap = 1.0 if max_difficulty is None else max_difficulty
+        self.active = [i for i, r in enumerate(self.rows) if r["normal"] or r["difficulty"] <= cap + 1e-9]
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def __getitem__(self, k: int) -> dict:
+        r = self.rows[self.active[k]]
+        image = read_image(self.folder / "images" / f"{r['id']}.png", self.channels)
+        mask = read_mask(self.folder / "masks" / f"{r['id']}.png", image.shape[:2])
+        image, mask = self.augment(image, mask, seed=hash((self.seed, self.epoch, k)) & 0x7FFFFFFF)
+        img, m = to_tensors(image, mask)
+        return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
+                "difficulty": torch.tensor(-1.0 if r["difficulty"] is None else r["difficulty"])}
+
+
+def mask_path_for(image: Path, image_dir: Path, mask_dir: Path | None) -> Path | None:
+    if mask_dir is None:
+        return None
+    for ext in (".png", ".bmp", image.suffix):
+        p = mask_dir / image.relative_to(image_dir).with_suffix(ext)
+        if p.exists():
+            return p
+    return None
+
+
+def find_mask_dir(image_dir: Path) -> Path | None:
+    """Masks beside a competition `TC_Images` folder (`TC_Masks`), or a `masks` folder beside `images`."""
+    for name in ("TC_Masks", "masks", "Masks"):
+        cand = image_dir.parent / name
+        if cand.is_dir():
+            return cand
+    return None
+
+
+class LabelledFolder(Dataset):
+    """Real labelled images: `image_dir` plus masks (PNG, same stem) in `mask_dir`; a missing mask means normal."""
+
+    def __init__(self, image_dir: str | Path, mask_dir: str | Path | None = None, channels: int = 1):
+        self.image_dir = Path(image_dir)
+        self.mask_dir = Path(mask_dir) if mask_dir else find_mask_dir(self.image_dir)
+        if self.mask_dir is None:
+            raise InputError(f"{self.image_dir}: no masks folder beside it (TC_Masks or masks)")
+        self.paths = find_images(self.image_dir)
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        image = read_image(self.paths[i], self.channels)
+        mp = mask_path_for(self.paths[i], self.image_dir, self.mask_dir)
+        mask = read_mask(mp, image.shape[:2]) if mp else np.zeros(image.shape[:2], np.uint8)
+        img, m = to_tensors(image, mask)
+        return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]), "difficulty": torch.tensor(-1.0)}

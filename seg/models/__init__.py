@@ -1,0 +1,88 @@
+"""Segmenter registry: `create_model(arch, encoder, ...)`, the same arguments for every architecture.
+
+Every model is wrapped in `Segmenter`, which takes images in [0, 1], normalises them the way its encoder's
+weights expect (so a checkpoint alone fixes its preprocessing) and returns a dict:
+`{"mask": (B,1,H,W) logits, "image": (B,1) logits or None, "deep": list of (B,1,H,W) logits or None}`.
+
+Example:
+    >>> m = create_model("unet3plus", "tu-tf_efficientnet_lite0", weights="none", in_channels=1)
+    >>> m(torch.rand(2, 1, 128, 128))["mask"].shape
+    torch.Size([2, 1, 128, 128])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from synth.io import InputError
+
+from .encoders import LITE_ENCODERS, load_lite_weights
+from .unet3plus.model import UNet3Plus
+
+ARCHS = ("unet", "unet3plus")
+
+
+class Segmenter(nn.Module):
+    """Normalisation + architecture + uniform dict output."""
+
+    def __init__(self, net: nn.Module, arch: str, mean: float, std: float):
+        super().__init__()
+        self.net, self.arch = net, arch
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.net((x - self.mean) / self.std)
+        if self.arch == "unet3plus":
+            mask, image, deep = out
+        elif isinstance(out, tuple):
+            (mask, image), deep = out, None
+        else:
+            mask, image, deep = out, None, None
+        return {"mask": mask, "image": image, "deep": deep}
+
+
+def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", weights: str = "none",
+                 in_channels: int = 1, decoder_channels: Sequence[int] = (128, 64, 32, 16, 8),
+                 image_head: bool = True, deep_supervision: bool = True, cgm: bool = True) -> Segmenter:
+    """Build a segmenter.
+
+    arch: `unet` (smp Unet) or `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
+    and `cgm` apply to it alone). weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`),
+    `imagenet` (smp/timm hub weights, needs internet), or `none`.
+    """
+    if arch not in ARCHS:
+        raise InputError(f"model.arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    if weights not in ("lite", "imagenet", "none"):
+        raise InputError(f"model.weights: expected lite, imagenet or none, got {weights!r}")
+    if weights == "lite" and encoder not in LITE_ENCODERS:
+        raise InputError(f"model.weights: 'lite' weights exist for {', '.join(LITE_ENCODERS)} only, not {encoder!r}")
+    hub = None
+    if weights == "imagenet":
+        hub = True if encoder.startswith("tu-") else "imagenet"
+    try:
+        if arch == "unet":
+            aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
+            net = smp.Unet(encoder, encoder_weights=hub, in_channels=in_channels, classes=1,
+                           decoder_channels=tuple(decoder_channels), aux_params=aux)
+        else:
+            net = UNet3Plus(encoder, encoder_weights=hub, in_channels=in_channels,
+                            cat_channels=max(8, decoder_channels[0] // 4), deep_supervision=deep_supervision,
+                            cgm=cgm, image_head=image_head)
+    except (KeyError, ValueError) as e:
+        raise InputError(f"model.encoder: cannot build {encoder!r} ({e})") from None
+    if weights == "lite":
+        load_lite_weights(net.encoder.model, LITE_ENCODERS[encoder])
+    # lite and tf_ weights expect mean = std = 0.5; other ImageNet weights their usual per-channel values (grey: mean)
+    mean, std = (0.5, 0.5) if encoder.startswith("tu-tf_") or weights == "none" else (0.449, 0.226)
+    return Segmenter(net, arch, mean, std)
+
+
+def model_from_config(model_cfg: dict) -> Segmenter:
+    return create_model(model_cfg["arch"], model_cfg["encoder"], model_cfg["weights"], model_cfg["in_channels"],
+                        model_cfg["decoder_channels"], model_cfg["image_head"], model_cfg["deep_supervision"],
+                        model_cfg["cgm"])

@@ -1,0 +1,303 @@
+"""`seg train`: train a segmenter on synthetic defects (on-the-fly or a `synth generate` folder).
+
+Every epoch draws new defects from `default_rng([seed, epoch, rank, i])` under the curriculum's difficulty
+ceiling; validation uses a fixed-seed synthetic set (and an optional real labelled folder). Checkpoints `best.pt`
+and `last.pt` are written atomically and carry the resolved config, so a checkpoint alone is enough to predict;
+`resume` restores model, optimiser, scheduler, scaler, RNG and history, and continues exactly.
+Runs under `torchrun` as DistributedDataParallel (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from ensemble.metrics import competition_score, dice_iou
+from ensemble.postprocess import final_mask
+from synth.dataset import SynthDataset, to_tensors
+from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
+from synth.io import InputError, atomic_write_bytes, competition_dir, write_json
+
+from .curriculum import CurriculumSchedule
+from .data import LabelledFolder, SeededAugment, SynthFolderDataset, build_augment
+from .losses import SegmentationLoss
+from .models import model_from_config
+
+METRIC_MODE = {"score": max, "dice": max, "iou": max, "loss": min}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"train.device: {name!r} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise InputError(f"{path}: not a checkpoint written by `seg train` (no model/config)")
+    return ckpt
+
+
+@torch.no_grad()
+def predict_batches(model, images: torch.Tensor, device, batch_size: int = 32):
+    """Probabilities (N,1,H,W) and image-level probabilities (N,) or None, model in eval mode."""
+    model.eval()
+    probs, image_probs = [], []
+    for k in range(0, len(images), batch_size):
+        out = model(images[k:k + batch_size].to(device))
+        probs.append(torch.sigmoid(out["mask"].float()).cpu())
+        if out["image"] is not None:
+            image_probs.append(torch.sigmoid(out["image"].float()).view(-1).cpu())
+    return torch.cat(probs), (torch.cat(image_probs) if image_probs else None)
+
+
+def evaluate_set(model, images, masks, predict_cfg: dict, device, loss_fn=None) -> dict:
+    """Val metrics: loss, pixel dice/iou, image accuracy and the competition score (after post-processing)."""
+    probs, img_probs = predict_batches(model, images, device, predict_cfg["batch_size"])
+    pred, gt = [], []
+    for i in range(len(images)):
+        ip = None if img_probs is None else float(img_probs[i])
+        pred.append(final_mask(probs[i, 0].numpy(), ip, predict_cfg))
+        gt.append(masks[i, 0].numpy().astype(np.uint8))
+    dice, iou = dice_iou(pred, gt)
+    acc = float(np.mean([p.any() == g.any() for p, g in zip(pred, gt)]))
+    row = {"dice": dice, "iou": iou, "image_acc": acc, **competition_score(pred, gt)}
+    if loss_fn is not None:
+        logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+        row["loss"] = float(loss_fn.mask_term(logits, masks.float()))
+    return row
+
+
+def synthetic_val_set(engine: DefectSynthesizer, pool: SourcePool, n: int, seed: int):
+    imgs, masks = [], []
+    for i in range(n):
+        image, mask, _ = engine.draw(np.random.default_rng([seed, i]), pool)
+        a, b = to_tensors(image, mask)
+        imgs.append(a)
+        masks.append(b)
+    return torch.stack(imgs), torch.stack(masks)
+
+
+def write_metrics(out: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0].keys())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
+    plot_curves(out / "curves.png", rows)
+
+
+def plot_curves(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], "o-", label="train loss")
+    ax[0].plot(ep, [r["val_loss"] for r in rows], "o-", label="val loss (mask)")
+    ax[0].set_title("loss")
+    for k in ("val_score", "val_dice", "val_image_acc", "real_score", "real_dice"):
+        if k in rows[0]:
+            ax[1].plot(ep, [r[k] for r in rows], "o-", label=k)
+    ax[1].set_title("validation")
+    ax[2].plot(ep, [r["ceiling"] for r in rows], "o-", label="difficulty ceiling")
+    ax[2].set_title("curriculum")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class Trainer:
+    """Holds everything one training run needs; `fit()` runs it."""
+
+    def __init__(self, cfg: dict, log: Callable[[str], None] = print, progress=None, warn=None):
+        self.cfg, self.log, self.progress = cfg, log, progress
+        t = cfg["train"]
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = resolve_device(t["device"])
+        if self.distributed:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        else:
+            self.rank, self.world = 0, 1
+        self.main = self.rank == 0
+        self.out = Path(t["out"])
+        torch.manual_seed(t["seed"])
+        self.synth_cfg = SynthConfig.from_dict(cfg["synth"])
+        self.engine = DefectSynthesizer(self.synth_cfg)
+        ok = Path(cfg["data"]["ok_dir"]) if cfg["data"]["ok_dir"] else \
+            competition_dir(cfg["data"]["root"], cfg["part"], "OK_Images")
+        self.pool = SourcePool(ok, self.synth_cfg.channels, self.synth_cfg.size, warn=warn if self.main else None)
+        aug = SeededAugment(build_augment(t["augment"]))
+        per_rank = t["steps_per_epoch"] * t["batch_size"]
+        if t["synth_dir"]:
+            self.dataset = SynthFolderDataset(t["synth_dir"], self.synth_cfg.channels, aug.compose, t["seed"])
+        else:
+            self.dataset = SynthDataset(self.engine, self.pool, per_rank, t["seed"], aug, rank=self.rank)
+        self.curriculum = CurriculumSchedule(**t["curriculum"])
+        self.model = model_from_config(cfg["model"]).to(self.device)
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.distributed else self.model
+        self.loss_fn = SegmentationLoss(t["mask_loss"], t["image_loss_weight"], t["deep_loss_weight"])
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+        total = t["epochs"] * t["steps_per_epoch"]
+        if t["scheduler"] == "onecycle":
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, t["lr"], total_steps=total)
+        else:
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=t["lr"] * 0.01)
+        self.amp = bool(t["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.val = synthetic_val_set(self.engine, self.pool, t["val_n"], t["val_seed"])
+        self.real = None
+        if t["val_dir"]:
+            ds = LabelledFolder(t["val_dir"], channels=self.synth_cfg.channels)
+            items = [ds[i] for i in range(len(ds))]
+            self.real = (torch.stack([x["image"] for x in items]), torch.stack([x["mask"] for x in items]))
+        self.rows: list[dict] = []
+        self.start_epoch, self.best, self.best_epoch, self.stale = 0, None, -1, 0
+
+    # ------------------------------------------------------------------------------------------- state
+    def state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "rows": self.rows,
+                "rng": torch.get_rng_state(), "config": self.cfg, "metric": self.cfg["train"]["metric"]}
+
+    def resume(self) -> None:
+        ckpt = load_checkpoint(self.out / "last.pt")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        self.rows, self.best, self.best_epoch, self.stale = ckpt["rows"], ckpt["best"], ckpt["best_epoch"], \
+            ckpt["stale"]
+        self.start_epoch = ckpt["epoch"] + 1
+        self.log(f"resumed from {self.out / 'last.pt'} after epoch {ckpt['epoch']}")
+
+    # ------------------------------------------------------------------------------------------- loop
+    def train_epoch(self, epoch: int, bar) -> float:
+        t = self.cfg["train"]
+        self.net.train()
+        loader = DataLoader(self.dataset, batch_size=t["batch_size"], shuffle=bool(t["synth_dir"]),
+                            num_workers=t["workers"], drop_last=True,
+                            generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
+        losses = []
+        for step, batch in enumerate(loader):
+            if step >= t["steps_per_epoch"]:
+                break
+            x, y, label = (batch[k].to(self.device) for k in ("image", "mask", "label"))
+            ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+            with ctx:
+                out = self.net(x)
+            parts = self.loss_fn(out, y, label)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(parts["total"]).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            losses.append(float(parts["total"].detach()))
+            if bar is not None:
+                bar(1, epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}")
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def fit(self, resume: bool = False) -> dict:
+        t = self.cfg["train"]
+        if resume:
+            self.resume()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", self.cfg)
+        remaining = max(0, t["epochs"] - self.start_epoch) * t["steps_per_epoch"]
+        bar_cm = self.progress("train", remaining) if (self.progress and self.main) else nullcontext()
+        start = time.perf_counter()
+        with bar_cm as bar:
+            for epoch in range(self.start_epoch, t["epochs"]):
+                ceiling = self.curriculum.ceiling(epoch)
+                self.dataset.set_epoch(epoch, ceiling)
+                if self.main:
+                    self.log(f"epoch {epoch}: curriculum {self.curriculum.schedule}, difficulty ceiling {ceiling:.2f}")
+                e0 = time.perf_counter()
+                train_loss = self.train_epoch(epoch, bar)
+                row = {"epoch": epoch, "ceiling": ceiling, "lr": self.opt.param_groups[0]["lr"],
+                       "train_loss": train_loss, "seconds": time.perf_counter() - e0}
+                val = evaluate_set(self.model, *self.val, self.cfg["predict"], self.device, self.loss_fn)
+                row.update({f"val_{k}": v for k, v in val.items() if k not in ("defective", "normal")})
+                if self.real is not None:
+                    real = evaluate_set(self.model, *self.real, self.cfg["predict"], self.device)
+                    row.update({f"real_{k}": v for k, v in real.items() if k not in ("defective", "normal")})
+                self.rows.append(row)
+                if self.step_best(row, epoch) and self.main:
+                    save_checkpoint(self.out / "best.pt", self.state(epoch))
+                if self.main:
+                    save_checkpoint(self.out / "last.pt", self.state(epoch))
+                    write_metrics(self.out, self.rows)
+                    self.log(self.summary(row))
+                if t["early_stopping"] and self.stale >= t["early_stopping"]:
+                    if self.main:
+                        self.log(f"early stopping: no better {t['metric']} for {self.stale} epochs")
+                    break
+        if self.distributed:
+            dist.barrier()
+        return {"best": self.best, "best_epoch": self.best_epoch, "epochs": len(self.rows),
+                "seconds": time.perf_counter() - start, "out": str(self.out)}
+
+    def step_best(self, row: dict, epoch: int) -> bool:
+        key = "real_" + self.cfg["train"]["metric"] if self.real is not None else "val_" + self.cfg["train"]["metric"]
+        value = row[key]
+        better = METRIC_MODE[self.cfg["train"]["metric"]]
+        if self.best is None or (not math.isnan(value) and better(value, self.best) != self.best):
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    def summary(self, row: dict) -> str:
+        keys = ("train_loss", "val_loss", "val_score", "val_dice", "val_image_acc", "real_score", "real_dice")
+        parts = [f"{k}={row[k]:.4f}" for k in keys if k in row]
+        return f"epoch {row['epoch']}: " + " ".join(parts) + f" ({row['seconds']:.0f}s)"
+
+
+def train(cfg: dict, resume: bool = False, log=print, progress=None, warn=None) -> dict:
+    return Trainer(cfg, log, progress, warn).fit(resume)

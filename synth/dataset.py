@@ -1,0 +1,45 @@
+"""On-the-fly synthetic training data: the engine of `synth generate` as a torch Dataset (one code path).
+
+Item i of epoch e is drawn from `default_rng([seed, epoch, i])`, so an epoch is the same whatever the
+DataLoader workers, and a resumed run sees the same data. `max_difficulty` caps the defects (curriculum).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .engine import DefectSynthesizer, SourcePool
+
+
+def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (H,W[,C]) image -> float (C,H,W) in [0,1]; {0,1} mask -> float (1,H,W)."""
+    img = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
+    img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)
+    return img, torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+
+
+class SynthDataset(Dataset):
+    """`length` samples per epoch; returns dict(image, mask, label, difficulty)."""
+
+    def __init__(self, engine: DefectSynthesizer, sources: SourcePool, length: int, seed: int = 0,
+                 augment=None, max_difficulty: float | None = None, rank: int = 0):
+        self.engine, self.sources, self.length, self.seed = engine, sources, length, seed
+        self.augment, self.max_difficulty, self.rank, self.epoch = augment, max_difficulty, rank, 0
+
+    def set_epoch(self, epoch: int, max_difficulty: float | None = None) -> None:
+        self.epoch, self.max_difficulty = epoch, max_difficulty
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, i])
+        image, mask, record = self.engine.draw(rng, self.sources, self.max_difficulty)
+        if self.augment is not None:  # a callable (image, mask, seed) -> (image, mask)
+            image, mask = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)))
+        img, m = to_tensors(image, mask)
+        d = record["difficulty"]
+        return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
+                "difficulty": torch.tensor(-1.0 if d is None else d)}

@@ -1,0 +1,163 @@
+"""Segmenters and training: shapes, UNet 3+ heads, curriculum, checkpoints, exact resume, config errors, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from seg.config import load_config
+from seg.curriculum import CurriculumSchedule
+from seg.models import create_model
+from seg.models.encoders import lite_state_dict
+from seg.models.unet3plus.model import SUPPRESSED
+from seg.train import load_checkpoint, train
+from synth.io import InputError
+
+SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
+
+
+@pytest.mark.parametrize("arch", ["unet", "unet3plus"])
+@pytest.mark.parametrize("encoder,channels,size", [("tu-tf_efficientnet_lite0", 1, 64), ("resnet18", 3, 96)])
+def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size):
+    torch.manual_seed(0)
+    m = create_model(arch, encoder, "none", channels, **SMALL).eval()
+    with torch.no_grad():
+        out = m(torch.rand(2, channels, size, size))
+    assert out["mask"].shape == (2, 1, size, size)
+    assert out["image"].shape == (2, 1)
+
+
+def test_lite_weights_are_the_packaged_imagenet_weights():
+    m = create_model("unet", "tu-tf_efficientnet_lite0", "lite", in_channels=1, **SMALL)
+    ref = lite_state_dict(0)
+    enc = m.net.encoder.model.state_dict()
+    assert torch.equal(enc["blocks.3.0.conv_pw.weight"], ref["blocks.3.0.conv_pw.weight"])
+    # grey input: the stem's three colour filters are summed into one
+    assert torch.allclose(enc["conv_stem.weight"], ref["conv_stem.weight"].sum(1, keepdim=True))
+    assert float(m.mean) == 0.5 and float(m.std) == 0.5
+
+
+def test_unet3plus_deep_supervision_only_in_training():
+    torch.manual_seed(0)
+    m = create_model("unet3plus", "tu-tf_efficientnet_lite0", "none", 1, **SMALL)
+    x = torch.rand(2, 1, 64, 64)
+    deep = m.train()(x)["deep"]
+    assert len(deep) == 4 and all(d.shape == (2, 1, 64, 64) for d in deep)
+    assert m.eval()(x)["deep"] is None
+    plain = create_model("unet3plus", "tu-tf_efficientnet_lite0", "none", 1, deep_supervision=False, **SMALL)
+    assert plain.train()(x)["deep"] is None
+
+
+def test_cgm_suppresses_masks_of_images_judged_normal():
+    torch.manual_seed(0)
+    m = create_model("unet3plus", "tu-tf_efficientnet_lite0", "none", 1, **SMALL).eval()
+    ref = create_model("unet3plus", "tu-tf_efficientnet_lite0", "none", 1, cgm=False, **SMALL).eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    head = m.net.classification_head[-2] if isinstance(m.net.classification_head[-2], torch.nn.Linear) else None
+    head = head or next(mod for mod in m.net.classification_head.modules() if isinstance(mod, torch.nn.Linear))
+    with torch.no_grad():
+        head.bias.fill_(-50.0)  # judged normal
+        assert torch.all(m(x)["mask"] == SUPPRESSED)
+        assert not torch.all(ref(x)["mask"] == SUPPRESSED)
+        head.bias.fill_(50.0)  # judged defective: mask untouched
+        ref.load_state_dict(m.state_dict())
+        assert torch.equal(m(x)["mask"], ref(x)["mask"])
+
+
+def test_curriculum_ceiling_follows_its_schedule():
+    lin = CurriculumSchedule("linear", 0.2, 1.0, 4)
+    assert [lin.ceiling(e) for e in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    step = CurriculumSchedule("step", 0.2, 1.0, 8)
+    assert [step.ceiling(e) for e in (0, 1, 2, 3, 4, 8)] == pytest.approx([0.2, 0.2, 0.4, 0.4, 0.6, 1.0])
+    assert CurriculumSchedule("none").ceiling(0) == 1.0
+    with pytest.raises(ValueError, match="start <= end"):
+        CurriculumSchedule("linear", 0.9, 0.1)
+
+
+def tiny_config(ok_dir, out, **train):
+    cfg = load_config(None, [
+        f"data.ok_dir={ok_dir}", "synth.size=64", "model.weights=none", "model.decoder_channels=[16,16,8,8,8]",
+        "train.steps_per_epoch=2", "train.batch_size=4", "train.val_n=8", "train.epochs=2", f"train.out={out}",
+        "train.augment.noise=0.5", "predict.min_area=2"])
+    cfg["train"].update(train)
+    return cfg
+
+
+def test_training_writes_checkpoints_metrics_and_plot(ok_dir, tmp_path):
+    cfg = tiny_config(ok_dir, tmp_path / "run")
+    logs = []
+    summary = train(cfg, log=logs.append)
+    out = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "config.json"):
+        assert (out / name).stat().st_size > 0
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 3 and "val_score" in lines[0] and "ceiling" in lines[0]
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["config"]["synth"]["size"] == 64 and ckpt["epoch"] == summary["best_epoch"]
+    assert any("difficulty ceiling 0.40" in m for m in logs) and any("difficulty ceiling 0.47" in m for m in logs)
+
+
+def test_resume_continues_exactly(ok_dir, tmp_path):
+    straight = tiny_config(ok_dir, tmp_path / "a")
+    train(straight, log=lambda m: None)
+    half = tiny_config(ok_dir, tmp_path / "b")
+
+    class Interrupt:  # a progress bar that stops the run in the middle of epoch 1, like Ctrl-C would
+        def __init__(self, *a):
+            self.steps = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __call__(self, k=1, **fields):
+            self.steps += k
+            if self.steps == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(half, log=lambda m: None, progress=Interrupt)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 0
+    logs = []
+    train(half, resume=True, log=logs.append)
+    assert any("resumed" in m and "after epoch 0" in m for m in logs)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert [r["epoch"] for r in b["rows"]] == [0, 1]
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+    assert a["rows"][1]["train_loss"] == pytest.approx(b["rows"][1]["train_loss"], rel=1e-6)
+
+
+def test_bad_config_key_fails_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(InputError, match=r"bad.yaml: unknown key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        load_config(bad)
+    with pytest.raises(InputError, match="model.arch must be one of unet, unet3plus"):
+        load_config(None, ["model.arch=segformer"])
+    with pytest.raises(InputError, match="train.lr must be a float"):
+        load_config(None, ["train.lr=fast"])
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "seg", "train", "-s", "train.epoch=3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key 'train.epoch'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ddp_on_two_cpu_processes(ok_dir, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "ddp"
+    r = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "cli.py"), "seg", "train",
+         "-s", f"data.ok_dir={ok_dir}", "-s", "synth.size=64", "-s", "model.weights=none",
+         "-s", "model.decoder_channels=[16,16,8,8,8]", "-s", "train.steps_per_epoch=2", "-s", "train.batch_size=2",
+         "-s", "train.val_n=4", "-s", "train.epochs=1", "-o", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "last.pt").exists() and len((out / "metrics.csv").read_text().splitlines()) == 2
