@@ -23,7 +23,9 @@ ensemble_app = typer.Typer(help="Predict, calibrate and evaluate (TTA, multi-mod
                            no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
 app.add_typer(seg_app, name="seg")
+baseline_app = typer.Typer(help="Unsupervised baselines: PaDiM, PatchCore, SSIM autoencoder.", no_args_is_help=True)
 app.add_typer(ensemble_app, name="ensemble")
+app.add_typer(baseline_app, name="baseline")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -197,8 +199,9 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
         if value is not None:
             p[key] = value
-    ens = Ensemble(paths, device, p["tta"], p["merge"], p["vote_k"], p["weights"], p["threshold"],
-                   p["batch_size"], p["tile_overlap"])
+    ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
+                                    weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
+                                    tile_overlap=p["tile_overlap"])
     return ens, p
 
 
@@ -230,7 +233,7 @@ def ensemble_predict(
     opening: Optional[int] = typer.Option(None, help="Morphological opening kernel (px), 0 = off."),
     roi: Optional[Path] = typer.Option(None, help="Region-of-interest mask applied to every image."),
     zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
-    overlays: bool = typer.Option(True, help="Write overlay PNGs."),
+    overlays: str = typer.Option("defective", help="Overlay PNGs for: all | defective (judged so) | none."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""
@@ -303,6 +306,53 @@ def ensemble_evaluate(
     with user_errors():
         m = evaluate(pred, test_dir(images, part, data), out, name)
         console.print(markdown_table({name: m}), highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- baseline
+@baseline_app.command("fit")
+def baseline_fit(
+    method: str = typer.Option(..., "--method", help="padim | patchcore | ssim_ae"),
+    part: Optional[int] = PartOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+    data: Optional[Path] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default runs/baselines/METHOD.pt)."),
+):
+    """Fit a baseline on the part's OK images; the model is one file that `baseline predict` loads."""
+    from baseline.fit import fit_baseline
+
+    with user_errors():
+        cfg = load(config, set_, part)
+        if data is not None:
+            cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        out = out or Path("runs/baselines") / f"{method}.pt"
+        s = fit_baseline(cfg, method, out, progress=Bar, warn=warn, log=lambda m: console.print(m, highlight=False))
+        console.print(f"{method}: fitted in {s['fit_seconds']:.1f}s, peak memory {s['peak_rss_mb']:.0f} MiB -> {out}")
+
+
+@baseline_app.command("predict")
+def baseline_predict(
+    model: List[Path] = typer.Option(..., "--model", "-m", help="A `baseline fit` file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (replaced atomically)."),
+    images: Optional[Path] = ImagesOpt, part: Optional[int] = PartOpt, data: Optional[Path] = DataOpt,
+    ensemble_file: Optional[Path] = EnsOpt,
+    threshold: Optional[float] = typer.Option(None), image_threshold: Optional[float] = typer.Option(None),
+    min_area: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
+):
+    """Same outputs as `ensemble predict` (the same code path), from a baseline's anomaly maps."""
+    ensemble_predict(out=out, checkpoint=model, ensemble_file=ensemble_file, images=images, part=part, data=data,
+                     tta="none", merge=None, vote_k=None, weight=None, threshold=threshold,
+                     image_threshold=image_threshold, min_area=min_area, opening=None, roi=None, zip_prefix=None,
+                     overlays="defective", device=device)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context):
+    """Every method side by side on a competition-layout dataset (see benchmarks/run.py --help)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    import run as bench_run
+
+    with user_errors():
+        bench_run.main(ctx.args)
 
 
 def main() -> None:

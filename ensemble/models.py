@@ -4,6 +4,7 @@ probability or k-of-n voting, optional weights) and overlapping tiles for images
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,12 @@ TTA = {"none": lambda: None,
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
+    """A `seg train` checkpoint or a `baseline fit` file -> (eval-mode module, the config it was made with)."""
     ckpt = load_checkpoint(path)
+    if "method" in ckpt:
+        from baseline.common import load_model as load_baseline
+
+        return load_baseline(ckpt).to(device), ckpt["config"]
     model = model_from_config({**ckpt["config"]["model"], "weights": "none"})
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]
@@ -30,23 +36,18 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
 class Ensemble:
     """One or more segmenters with TTA; `predict(images)` gives per-image probability, hits and image score."""
 
-    def __init__(self, checkpoints: Sequence[str | Path], device: str = "auto", tta_mode: str = "flip",
-                 merge: str = "mean", vote_k: int | None = None, weights: Sequence[float] | None = None,
-                 threshold: float = 0.5, batch_size: int = 32, tile_overlap: int = 32):
-        if not checkpoints:
+    def __init__(self, models: Sequence[torch.nn.Module], channels: int, tile: int, device: str = "auto",
+                 tta_mode: str = "flip", merge: str = "mean", vote_k: int | None = None,
+                 weights: Sequence[float] | None = None, threshold: float = 0.5, batch_size: int = 32,
+                 tile_overlap: int = 32, paths: Sequence[str] = ()):
+        """`models` map (B,C,T,T) images in [0,1] to {"mask": logits, "image": logits or None}."""
+        if not models:
             raise InputError("no checkpoint given (--checkpoint PATH, repeatable)")
         if tta_mode not in TTA:
             raise InputError(f"tta: expected none, flip or d4, got {tta_mode!r}")
         self.device = resolve_device(device)
-        loaded = [load_model(p, self.device) for p in checkpoints]
-        self.models = [m for m, _ in loaded]
-        self.configs = [c for _, c in loaded]
-        sizes = {c["synth"]["size"] for c in self.configs}
-        chans = {c["synth"]["channels"] for c in self.configs}
-        if len(chans) > 1:
-            raise InputError(f"checkpoints disagree on input channels ({sorted(chans)}); ensemble one kind")
-        self.tile, self.channels = min(sizes), chans.pop()
-        self.paths = [str(p) for p in checkpoints]
+        self.models = [m.to(self.device).eval() for m in models]
+        self.channels, self.tile, self.paths = channels, tile, [str(p) for p in paths]
         n = len(self.models)
         self.weights = np.asarray(weights if weights is not None else [1.0] * n, np.float64)
         if len(self.weights) != n or (self.weights < 0).any() or self.weights.sum() <= 0:
@@ -61,6 +62,19 @@ class Ensemble:
         self.tta = TTA[tta_mode]()
         self.tta_mode = tta_mode
         self.batch_size, self.overlap = batch_size, tile_overlap
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Sequence[str | Path], device: str = "auto", **kw) -> "Ensemble":
+        """Load `seg train` checkpoints; each carries its config, so preprocessing and crop size come along."""
+        if not checkpoints:
+            raise InputError("no checkpoint given (--checkpoint PATH, repeatable)")
+        dev = resolve_device(device)
+        loaded = [load_model(p, dev) for p in checkpoints]
+        chans = {c["synth"]["channels"] for _, c in loaded}
+        if len(chans) > 1:
+            raise InputError(f"checkpoints disagree on input channels ({sorted(chans)}); ensemble one kind")
+        tile = min(c["synth"]["size"] for _, c in loaded)
+        return cls([m for m, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
 
     @property
     def passes(self) -> int:
@@ -96,9 +110,8 @@ class Ensemble:
 
         return [(y, x) for y in starts(h) for x in starts(w)]
 
-    def predict(self, images: list[np.ndarray]) -> list[dict]:
-        """For each uint8 image: {"prob": merged (H,W) float32, "hits": binary (H,W) before post-processing,
-        "image_prob": float or None}. Images larger than the crop are tiled with overlap and averaged."""
+    def _layout(self, images: list[np.ndarray]) -> tuple[list[tuple[int, int, int]], list[dict]]:
+        """Tiles (image index, y, x) and per-image accumulators for a list of uint8 images."""
         t = self.tile
         jobs, canvases = [], []
         for idx, img in enumerate(images):
@@ -110,26 +123,72 @@ class Ensemble:
             if ph or pw:
                 arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="reflect")
             H, W = arr.shape[:2]
-            canvases.append({"arr": arr, "size": (h, w), "sum": np.zeros((len(self.models), H, W), np.float32),
-                             "count": np.zeros((H, W), np.float32), "head": []})
-            jobs += [(idx, y, x) for y, x in self.tiles(H, W)]
+            tiles = self.tiles(H, W)
+            canvases.append({"arr": arr, "size": (h, w), "tiles": len(tiles), "sum": None, "count": None,
+                             "head": []})
+            jobs += [(idx, y, x) for y, x in tiles]
+        return jobs, canvases
+
+    def _batches(self, jobs, canvases):
+        """Yield (tile jobs, (B,C,T,T) float tensor in [0,1]) in batches of `batch_size`."""
+        t = self.tile
         for k in range(0, len(jobs), self.batch_size):
             chunk = jobs[k:k + self.batch_size]
             batch = np.stack([canvases[i]["arr"][y:y + t, x:x + t] for i, y, x in chunk])
-            x_t = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+            yield chunk, torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+
+    def warmup(self) -> None:
+        """One forward pass on a dummy batch, so one-off kernel set-up is not billed to the first images."""
+        self.forward(torch.zeros(min(self.batch_size, 4), self.channels, self.tile, self.tile).to(
+            memory_format=torch.channels_last))
+
+    @torch.no_grad()
+    def bare_throughput(self, images: list[np.ndarray], repeats: int = 2) -> float:
+        """Images/s of the networks' forward passes alone (every model x TTA pass, the same batches and memory
+        layout as `predict`), best of `repeats`: the yardstick for what the rest of the pipeline costs."""
+        jobs, canvases = self._layout(images)
+        batches = [x for _, x in self._batches(jobs, canvases)]
+        transforms = list(self.tta) if self.tta is not None else [None]
+        best = 0.0
+        for _ in range(repeats + 1):  # the first round warms up
+            start = time.perf_counter()
+            for x in batches:
+                x = x.to(self.device)
+                for m in self.models:
+                    for tr in transforms:
+                        m(tr.augment_image(x) if tr is not None else x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, len(images) / (time.perf_counter() - start))
+        return best
+
+    def predict(self, images: list[np.ndarray]) -> list[dict]:
+        """For each uint8 image: {"prob": merged (H,W) float32, "hits": binary (H,W) before post-processing,
+        "image_prob": float or None}. Images larger than the crop are tiled with overlap and averaged."""
+        t = self.tile
+        jobs, canvases = self._layout(images)
+        for chunk, x_t in self._batches(jobs, canvases):
             probs, heads = self.forward(x_t)
             for j, (i, y, x) in enumerate(chunk):
                 c = canvases[i]
-                c["sum"][:, y:y + t, x:x + t] += probs[:, j].numpy()
-                c["count"][y:y + t, x:x + t] += 1
+                if c["tiles"] == 1:  # the usual case, a crop of the model's size: no accumulation needed
+                    c["sum"], c["count"] = probs[:, j].numpy(), 1.0
+                else:
+                    if c["sum"] is None:
+                        H, W = c["arr"].shape[:2]
+                        c["sum"] = np.zeros((len(self.models), H, W), np.float32)
+                        c["count"] = np.zeros((H, W), np.float32)
+                    c["sum"][:, y:y + t, x:x + t] += probs[:, j].numpy()
+                    c["count"][y:y + t, x:x + t] += 1
                 if heads is not None:
                     c["head"].append(heads[:, j].numpy())
         return [self._merge(c) for c in canvases]
 
     def _merge(self, c: dict) -> dict:
         h, w = c["size"]
-        per_model = (c["sum"] / c["count"])[:, :h, :w]
-        prob = np.tensordot(self.weights, per_model, axes=1).astype(np.float32)
+        per_model = (c["sum"] if c["tiles"] == 1 else c["sum"] / c["count"])[:, :h, :w]
+        prob = per_model[0] if len(self.models) == 1 else \
+            np.tensordot(self.weights, per_model, axes=1).astype(np.float32)
         image_prob = None
         if c["head"]:
             image_prob = float(np.dot(self.weights, np.max(np.stack(c["head"]), axis=0)))

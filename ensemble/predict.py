@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
 import numpy as np
 
-from synth.io import InputError, atomic_write_bytes, encode_png, find_images, read_image, read_mask, write_json
+from synth.io import InputError, encode_png, find_images, read_image, read_mask, write_json
 from synth.preview import outline
 
 from .models import Ensemble
@@ -32,7 +35,7 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: dict,
-                roi: str | Path | None = None, zip_prefix: str | None = None, overlays: bool = True,
+                roi: str | Path | None = None, zip_prefix: str | None = None, overlays: str = "defective",
                 progress: Callable | None = None, warn: Callable | None = None) -> dict:
     """Predict every image below `image_dir`; `params` has threshold, image_threshold, min_area, opening."""
     image_dir, out = Path(image_dir), Path(out)
@@ -41,11 +44,16 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("submission", "masks", "probs") + (("overlays",) if overlays else ()):
+    if overlays not in ("all", "defective", "none"):
+        raise InputError(f"overlays: expected all, defective or none, got {overlays!r}")
+    for sub in ("submission", "masks", "probs") + (("overlays",) if overlays != "none" else ()):
         (tmp / sub).mkdir(parents=True)
-    rows, n_def, forward_s = [], 0, 0.0
+    rows, n_def = [], 0
+    ens.warmup()
     start = time.perf_counter()
     chunk = max(1, ens.batch_size)
+    # encoding and writing run in a thread (OpenCV releases the GIL) while the networks run on the next batch
+    writer, pending = ThreadPoolExecutor(max_workers=1), []
     try:
         for k in range(0, len(paths), chunk):
             batch_paths = paths[k:k + chunk]
@@ -55,31 +63,25 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                     images.append(read_image(p, ens.channels))
                 except InputError as e:
                     raise InputError(f"{e} (fix or remove it; nothing was written)") from None
-            f0 = time.perf_counter()
             results = ens.predict(images)
-            forward_s += time.perf_counter() - f0
+            for f in pending:
+                f.result()  # surface any write error of the previous batch
+            pending = []
             for p, img, r in zip(batch_paths, images, results):
                 rmask = None
                 if roi_mask is not None:
-                    import cv2
                     rmask = cv2.resize(roi_mask, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
                 mask = final_mask(r["prob"], r["image_prob"], params, rmask, r["hits"])
-                rel = p.relative_to(image_dir).with_suffix("")
-                stem = rel.as_posix().replace("/", "__")
-                if mask.any():
-                    n_def += 1
-                    atomic_write_bytes(tmp / "submission" / f"{stem}.json",
-                                       dump(mask_to_record(mask, p.name)).encode())
-                (tmp / "masks" / f"{stem}.png").write_bytes(encode_png(mask * 255))
-                (tmp / "probs" / f"{stem}.png").write_bytes(
-                    encode_png(np.round(r["prob"] * 255).astype(np.uint8)))
-                if overlays:
-                    (tmp / "overlays" / f"{stem}.png").write_bytes(encode_png(outline(img, mask)))
+                stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
+                n_def += int(mask.any())
+                pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["prob"], overlays))
                 rows.append({"name": p.name, "stem": stem, "defective": int(mask.any()),
                              "image_score": round(image_score(r["prob"], r["image_prob"]), 6),
                              "peak_prob": round(float(r["prob"].max()), 6), "area": int(mask.sum())})
             if progress:
                 progress(len(batch_paths))
+        for f in pending:
+            f.result()
         seconds = time.perf_counter() - start
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
@@ -89,12 +91,26 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
         write_zip(tmp / "submission", tmp / "submission.zip", zip_prefix or f"data/{image_dir.name}")
         summary = {"images": len(rows), "defective": n_def, "seconds": seconds,
                    "images_per_s": len(rows) / seconds if seconds > 0 else 0.0,
-                   "forward_images_per_s": len(rows) / forward_s if forward_s > 0 else 0.0,
                    "checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "params": params,
                    "image_dir": str(image_dir)}
         write_json(tmp / "predict.json", summary)
         publish(tmp, out)
     except BaseException:
+        writer.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    writer.shutdown()
     return summary
+
+
+def write_outputs(tmp: Path, stem: str, name: str, img: np.ndarray, mask: np.ndarray, prob: np.ndarray,
+                  overlays: str) -> None:
+    """One image's files inside the temporary output folder (published whole at the end). Probabilities are
+    stored as 8-bit PNG without deflate (fast; they feed `ensemble evaluate`'s AUROC and AP)."""
+    defective = bool(mask.any())
+    if defective:
+        (tmp / "submission" / f"{stem}.json").write_text(dump(mask_to_record(mask, name)))
+    (tmp / "masks" / f"{stem}.png").write_bytes(encode_png(mask * 255))
+    (tmp / "probs" / f"{stem}.png").write_bytes(encode_png(np.round(prob * 255).astype(np.uint8), 0))
+    if overlays == "all" or (overlays == "defective" and defective):
+        (tmp / "overlays" / f"{stem}.png").write_bytes(encode_png(outline(img, mask), 0))

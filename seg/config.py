@@ -32,6 +32,11 @@ DEFAULTS: dict = {
         "val_n": 192, "val_seed": 12345, "val_dir": None, "metric": "score", "early_stopping": 0,
         "workers": 0, "seed": 0, "device": "auto", "amp": True, "out": "runs/part1", "synth_dir": None,
     },
+    "baseline": {
+        "backbone": "tf_efficientnet_lite0", "weights": "lite", "n_train": 300, "n_val": 100, "seed": 0,
+        "padim_dims": 100, "coreset_ratio": 0.05, "ae_steps": 600, "ae_batch": 32, "ae_lr": 2e-3, "ae_latent": 100,
+        "ae_width": 16,
+    },
     "predict": {
         "tta": "flip", "threshold": 0.5, "image_threshold": 0.5, "min_area": 10, "opening": 0,
         "merge": "mean", "vote_k": None, "weights": None, "tile_overlap": 32, "batch_size": 32, "roi": None,

@@ -59,8 +59,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise InputError(f"{path}: not a checkpoint written by `seg train` (no model/config)")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
+        raise InputError(f"{path}: not a checkpoint written by `seg train` or `baseline fit` (no model/config)")
     return ckpt
 
 

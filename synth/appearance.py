@@ -126,7 +126,8 @@ class AlphaBlend:
 
 class PoissonBlend:
     """Poisson (gradient-domain) blending with `cv2.seamlessClone`, on a padded canvas so masks touching the
-    border work; masks under `MIN_AREA` pixels fall back to hard alpha blending (seamlessClone needs room)."""
+    border work. Masks under `MIN_AREA` pixels or without an interior (nothing left after a 3x3 erosion, e.g.
+    1-px lines) fall back to hard alpha blending: seamlessClone needs room and fails on them."""
 
     name = "poisson"
     MIN_AREA = 9
@@ -137,7 +138,7 @@ class PoissonBlend:
 
     @staticmethod
     def render(crop, fill, mask, params):
-        if int(mask.sum()) < PoissonBlend.MIN_AREA:
+        if int(mask.sum()) < PoissonBlend.MIN_AREA or not cv2.erode(mask, np.ones((3, 3), np.uint8)).any():
             return AlphaBlend.render(crop, fill, mask, {"softness": 0.0})
         p = PoissonBlend.PAD
         gray = crop.ndim == 2
@@ -148,7 +149,10 @@ class PoissonBlend:
         src = cv2.copyMakeBorder(src, p, p, p, p, cv2.BORDER_REFLECT_101)
         m = cv2.copyMakeBorder(mask * 255, p, p, p, p, cv2.BORDER_CONSTANT, value=0)
         x, y, w, h = cv2.boundingRect(m)
-        out = cv2.seamlessClone(src, dst, m, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+        try:
+            out = cv2.seamlessClone(src, dst, m, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+        except cv2.error:  # any other shape OpenCV cannot clone: the same deterministic fallback
+            return AlphaBlend.render(crop, fill, mask, {"softness": 0.0})
         out = out[p:-p, p:-p]
         out = np.where(mask[..., None] > 0, out, crop[..., None] if gray else crop)  # exact outside the mask
         return out[..., 0] if gray else out

@@ -73,6 +73,16 @@ def test_blends_only_touch_the_mask(blend):
     assert np.array_equal(out[outside], crop[outside])
 
 
+def test_poisson_falls_back_on_masks_without_interior():
+    crop = textured(2)[:128, :128]
+    line = np.zeros((128, 128), np.uint8)
+    line[85:115, 100] = 1  # a 1-px line of 30 px: cv2.seamlessClone raises on it
+    fill = crop.astype(np.float32) - 60
+    out = PoissonBlend.render(crop, fill, line, {})
+    assert np.array_equal(out, AlphaBlend.render(crop, fill, line, {"softness": 0.0}))
+    assert np.array_equal(out[line == 0], crop[line == 0]) and (out[line > 0] < crop[line > 0]).all()
+
+
 def test_each_family_runs_and_gives_its_kind_of_mask():
     rng = np.random.default_rng(0)
     for name, cls in SHAPES.items():

@@ -1,0 +1,104 @@
+"""PatchCore (Roth et al., 2022): locally aware patch features (3x3 neighbourhood averaging of mid-level
+layers), a greedy coreset of the memory bank, nearest-neighbour distance as the anomaly score and the paper's
+re-weighting for the image score. Nearest neighbours are found with batched `torch.cdist` (memory-bounded)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import AnomalyModel, gaussian_blur
+from .features import FeatureExtractor
+
+
+def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Greedy k-center selection of `n` rows of `bank`. Returns (indices, radius): every row of the bank lies
+    within `radius` (Euclidean) of a selected row."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, min(n, len(bank)))
+    bank = bank.double()  # squared distances by expansion: float64 keeps them exact enough to take the root
+    norms = (bank * bank).sum(1)
+    nxt = int(torch.randint(len(bank), (1,), generator=g))
+    idx = [nxt]
+    min_sq = (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0)
+    for _ in range(n - 1):
+        nxt = int(torch.argmax(min_sq))
+        idx.append(nxt)
+        torch.minimum(min_sq, (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0), out=min_sq)
+    return torch.tensor(idx), float(min_sq.max().sqrt())
+
+
+def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096):
+    """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats."""
+    ds, ix = [], []
+    for s in range(0, len(query), chunk):
+        d = torch.cdist(query[s:s + chunk], bank)
+        v, i = d.topk(k, dim=1, largest=False)
+        ds.append(v)
+        ix.append(i)
+    return torch.cat(ds), torch.cat(ix)
+
+
+class PatchCore(AnomalyModel):
+    method = "patchcore"
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
+                 bank_size: int = 1, size: int = 128, neighbours: int = 3, seed: int = 0, sigma: float = 4.0):
+        super().__init__()
+        self.init_args = dict(backbone=backbone, weights=weights, coreset_ratio=coreset_ratio, bank_size=bank_size,
+                              size=size, neighbours=neighbours, seed=seed, sigma=sigma)
+        self.extractor = FeatureExtractor(backbone, weights, (2, 3))
+        dim = sum(self.extractor.channels)
+        self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma
+        self.register_buffer("bank", torch.zeros(bank_size, dim))
+        self.register_buffer("image_center", torch.tensor(0.0))
+        self.register_buffer("image_scale", torch.tensor(1.0))
+        self.radius = float("nan")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D, h, w) locally aware patch features at the stride of the first layer."""
+        feats = [F.avg_pool2d(f, 3, 1, 1) for f in self.extractor(x)]
+        size = feats[0].shape[-2:]
+        return torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                       for f in feats[1:]], 1)
+
+    @torch.no_grad()
+    def fit(self, crops: torch.Tensor, batch_size: int = 32) -> None:
+        emb = torch.cat([self.embed(crops[k:k + batch_size]) for k in range(0, len(crops), batch_size)])
+        bank = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        idx, self.radius = greedy_coreset(bank, int(len(bank) * self.coreset_ratio), self.seed)
+        self.bank = bank[idx].clone()
+        self.init_args["bank_size"] = len(self.bank)
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch-score maps (B,1,H,W) at input size, re-weighted image scores (B,))."""
+        emb = self.embed(x)
+        b, d, h, w = emb.shape
+        q = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, ix = nearest(q, self.bank, 1)
+        patch = dist[:, 0].view(b, h * w)
+        worst = patch.argmax(1)
+        s_star = patch.gather(1, worst[:, None])[:, 0]
+        m_test = q.view(b, h * w, d)[torch.arange(b), worst]
+        m_star = ix[:, 0].view(b, h * w)[torch.arange(b), worst]
+        _, nb = nearest(self.bank[m_star], self.bank, min(self.neighbours + 1, len(self.bank)))
+        d_nb = torch.linalg.norm(self.bank[nb] - m_test[:, None], dim=-1)  # m* itself is its own nearest
+        weight = 1 - torch.softmax(d_nb, 1)[:, 0]
+        maps = F.interpolate(patch.view(b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return gaussian_blur(maps, self.sigma), weight * s_star
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(x)[0]
+
+    @torch.no_grad()
+    def standardise(self, normal: torch.Tensor, batch_size: int = 32) -> None:
+        super().standardise(normal, batch_size)
+        img = torch.cat([self.scores(normal[k:k + batch_size])[1] for k in range(0, len(normal), batch_size)])
+        self.image_center.fill_(float(torch.quantile(img, 0.99)))
+        self.image_scale.fill_(float(img.std()) or 1.0)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        maps, image = self.scores(x)
+        return {"mask": (maps - self.center) / self.scale,
+                "image": ((image - self.image_center) / self.image_scale)[:, None]}
