@@ -21,9 +21,9 @@ synth_app = typer.Typer(help="Synthetic defects from OK images.", no_args_is_hel
 seg_app = typer.Typer(help="Train segmenters on synthetic defects.", no_args_is_help=True)
 ensemble_app = typer.Typer(help="Predict, calibrate and evaluate (TTA, multi-model voting, submissions).",
                            no_args_is_help=True)
+baseline_app = typer.Typer(help="Unsupervised baselines: PaDiM, PatchCore, SSIM autoencoder.", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
 app.add_typer(seg_app, name="seg")
-baseline_app = typer.Typer(help="Unsupervised baselines: PaDiM, PatchCore, SSIM autoencoder.", no_args_is_help=True)
 app.add_typer(ensemble_app, name="ensemble")
 app.add_typer(baseline_app, name="baseline")
 
@@ -54,11 +54,10 @@ def progress_bar() -> Progress:
 
 
 class Bar:
-    """A rich progress bar with rate and ETA; `update(k)` advances it, `set(**fields)` shows live figures."""
+    """A rich progress bar with rate and ETA; `bar(k, loss=...)` advances it by k and shows live figures."""
 
     def __init__(self, description: str, total: int):
         self.progress = progress_bar()
-        self.total = total
         self.task = self.progress.add_task(description, total=total, rate="")
 
     def __enter__(self):
@@ -265,32 +264,18 @@ def ensemble_calibrate(
 ):
     """Choose threshold, image threshold and min_area for the best competition score; save with the ensemble."""
     from ensemble.calibrate import calibrate
-    from ensemble.evaluate import load_ground_truth
+    from ensemble.evaluate import has_ground_truth, load_ground_truth, load_normals
     from synth.io import read_image, write_json
 
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {}, device)
-        paths, _, gt = load_ground_truth(val_dir) if _has_gt(val_dir) else _normals(val_dir)
+        paths, _, gt = load_ground_truth(val_dir) if has_ground_truth(val_dir) else load_normals(val_dir)
         imgs = [read_image(x, ens.channels) for x in paths]
         report = calibrate(ens, imgs, gt, p, target_overkill)
         spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
                 "weights": [float(w) for w in ens.weights], "params": report["params"], "calibration": report}
         write_json(out, spec)
         console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}")
-
-
-def _has_gt(folder: Path) -> bool:
-    return any((folder.parent / n).is_dir() for n in ("TC_Masks", "masks", "Masks", "TC_Labels", "labels"))
-
-
-def _normals(folder: Path):
-    """A folder without ground truth is taken as normal images only."""
-    import numpy as np
-
-    from synth.io import find_images, read_image
-
-    paths = find_images(folder)
-    return paths, None, [np.zeros(read_image(p).shape[:2], np.uint8) for p in paths]
 
 
 @ensemble_app.command("evaluate")

@@ -53,6 +53,17 @@ def load_ground_truth(image_dir: str | Path) -> tuple[list[Path], list[str], lis
     raise InputError(f"{image_dir}: no ground truth beside it ({', '.join(GT_MASK_DIRS + GT_LABEL_DIRS)})")
 
 
+def has_ground_truth(image_dir: str | Path) -> bool:
+    return any((Path(image_dir).parent / n).is_dir() for n in GT_MASK_DIRS + GT_LABEL_DIRS)
+
+
+def load_normals(image_dir: str | Path) -> tuple[list[Path], list[str], list[np.ndarray]]:
+    """A folder without ground truth beside it, taken as normal images only (empty masks)."""
+    image_dir = Path(image_dir)
+    paths = find_images(image_dir)
+    return paths, [stem_of(p, image_dir) for p in paths], [np.zeros(read_image(p).shape[:2], np.uint8) for p in paths]
+
+
 def load_predictions(pred: str | Path, stems: list[str], shapes) -> tuple[list[np.ndarray], list | None, dict | None]:
     """(masks, probability maps or None, image scores or None) from a predict folder or a folder of JSONs."""
     pred = Path(pred)
