@@ -67,8 +67,7 @@ def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, s
             results = map(_make, todo)
             _consume(results, f, progress)
         else:
-            ctx = mp.get_context("spawn" if mp.get_start_method(allow_none=True) == "spawn" else "fork")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=args) as p:
+            with mp.get_context().Pool(workers, initializer=_init_worker, initargs=args) as p:
                 _consume(p.imap(_make, todo, chunksize=16), f, progress)
     seconds = time.perf_counter() - start
     return {"written": len(todo), "skipped": len(done & set(range(n))), "bad_files": len(pool.bad),

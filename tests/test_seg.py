@@ -103,6 +103,21 @@ def test_training_writes_checkpoints_metrics_and_plot(ok_dir, tmp_path):
     assert any("difficulty ceiling 0.40" in m for m in logs) and any("difficulty ceiling 0.47" in m for m in logs)
 
 
+def test_training_from_a_generated_folder_respects_the_curriculum(ok_dir, tmp_path):
+    from seg.data import SynthFolderDataset
+    from synth.engine import SynthConfig
+    from synth.generate import generate
+
+    generate(ok_dir, tmp_path / "gen", 24, SynthConfig(size=64), seed=0)
+    ds = SynthFolderDataset(tmp_path / "gen")
+    ds.set_epoch(0, 0.3)
+    kept = [ds.rows[i] for i in ds.active]
+    assert 0 < len(kept) < 24 and all(r["normal"] or r["difficulty"] <= 0.3 for r in kept)
+    cfg = tiny_config(ok_dir, tmp_path / "run", synth_dir=str(tmp_path / "gen"), epochs=1)
+    summary = train(cfg, log=lambda m: None)
+    assert summary["epochs"] == 1 and (tmp_path / "run" / "best.pt").exists()
+
+
 def test_resume_continues_exactly(ok_dir, tmp_path):
     straight = tiny_config(ok_dir, tmp_path / "a")
     train(straight, log=lambda m: None)
