@@ -75,24 +75,23 @@ class Bar:
         self.progress.update(self.task, advance=k, rate=f"{rate} {extra}".strip())
 
 
-def load(config: Optional[Path], overrides: Optional[List[str]], part: Optional[int]) -> dict:
+def load(config: Optional[Path], overrides: Optional[List[str]], part: Optional[int],
+         data: Optional[Path] = None) -> dict:
+    """The resolved config; `--data ROOT` replaces data.root (and any data.ok_dir)."""
     from seg.config import config_for_part, load_config
 
     if config is None and part is not None:
         config = config_for_part(part)
-    return load_config(config, overrides, part)
+    cfg = load_config(config, overrides, part)
+    if data is not None:
+        cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+    return cfg
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/partN.yaml).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. -s train.epochs=3 (repeatable).")
 PartOpt = typer.Option(None, "--part", "-p", help="Competition part number (selects configs/partN.yaml).")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset root in the competition layout (overrides data.root).")
-
-
-def ok_dir(cfg: dict, data: Optional[Path]) -> Path:
-    if cfg["data"]["ok_dir"] and data is None:
-        return Path(cfg["data"]["ok_dir"])
-    return competition_dir(data or cfg["data"]["root"], cfg["part"], "OK_Images")
 
 
 # ------------------------------------------------------------------------------------------------ synth
@@ -112,18 +111,19 @@ def synth_generate(
     """Turn OK images into labelled defective images (rerun to resume an interrupted run)."""
     import shutil
 
+    from seg.config import ok_images_dir
     from synth.engine import SynthConfig
     from synth.generate import generate
 
     with user_errors():
-        cfg = load(config, set_, part)
+        cfg = load(config, set_, part, data)
         sc = dict(cfg["synth"])
         if difficulty is not None:
             sc["difficulty"] = list(difficulty)
         if roi is not None:
             sc["roi"] = roi
         synth_cfg = SynthConfig.from_dict(sc)
-        src = source or ok_dir(cfg, data)
+        src = source or ok_images_dir(cfg)
         if overwrite and out.exists():
             shutil.rmtree(out)
         with Bar("synth", n) as bar:
@@ -163,9 +163,7 @@ def seg_train(
     from seg.train import train
 
     with user_errors():
-        cfg = load(config, set_, part)
-        if data is not None:
-            cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        cfg = load(config, set_, part, data)
         for key, value in (("out", out), ("epochs", epochs), ("val_dir", val_dir), ("synth_dir", synth_dir)):
             if value is not None:
                 cfg["train"][key] = str(value) if isinstance(value, Path) else value
@@ -305,9 +303,7 @@ def baseline_fit(
     from baseline.fit import fit_baseline
 
     with user_errors():
-        cfg = load(config, set_, part)
-        if data is not None:
-            cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        cfg = load(config, set_, part, data)
         out = out or Path("runs/baselines") / f"{method}.pt"
         s = fit_baseline(cfg, method, out, progress=Bar, warn=warn, log=lambda m: console.print(m, highlight=False))
         console.print(f"{method}: fitted in {s['fit_seconds']:.1f}s, peak memory {s['peak_rss_mb']:.0f} MiB -> {out}")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from synth.engine import SourcePool
-from synth.io import competition_dir
+from seg.config import ok_images_dir
 
 from .common import build, ok_crops, save_model
 
@@ -50,9 +50,7 @@ def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=No
     if method not in METHODS:
         raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     b, s = cfg["baseline"], cfg["synth"]
-    ok = Path(cfg["data"]["ok_dir"]) if cfg["data"]["ok_dir"] else \
-        competition_dir(cfg["data"]["root"], cfg["part"], "OK_Images")
-    pool = SourcePool(ok, s["channels"], s["size"], warn=warn)
+    pool = SourcePool(ok_images_dir(cfg), s["channels"], s["size"], warn=warn)
     torch.manual_seed(b["seed"])
     start = time.perf_counter()
     if method == "ssim_ae":

@@ -8,7 +8,7 @@ import numpy as np
 
 from .metrics import iou
 from .models import Ensemble
-from .postprocess import image_score, postprocess
+from .postprocess import evidence, image_score, postprocess
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
@@ -36,11 +36,10 @@ def calibrate(ens: Ensemble, images: list[np.ndarray], gt: list[np.ndarray], def
         for area in MIN_AREAS:
             masks = [postprocess(r["prob"], thr, area, params["opening"], None, h) for r, h in zip(results, hits)]
             nonempty = np.array([m.any() for m in masks])
-            evidence = np.array([float(r["image_prob"]) if r["image_prob"] is not None else
-                                 (float(r["prob"][m > 0].max()) if m.any() else 0.0) for r, m in zip(results, masks)])
+            passes = np.array([evidence(m, r["prob"], r["image_prob"]) for r, m in zip(results, masks)])
             ious = np.array([iou(m, g) for m, g in zip(masks, gt)])
-            for it in np.unique(np.r_[0.0, evidence[nonempty]]):
-                sub = nonempty & (evidence >= it)
+            for it in np.unique(np.r_[0.0, passes[nonempty]]):
+                sub = nonempty & (passes >= it)
                 escape = np.sum(labels & ~sub) / n_def
                 overkill = np.sum(~labels & sub) / n_norm if n_norm else 0.0
                 tp = labels & sub

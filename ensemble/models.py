@@ -76,11 +76,6 @@ class Ensemble:
         tile = min(c["synth"]["size"] for _, c in loaded)
         return cls([m for m, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
 
-    @property
-    def passes(self) -> int:
-        """Forward passes per tile: models x TTA transforms."""
-        return len(self.models) * (len(self.tta) if self.tta is not None else 1)
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B,C,T,T) in [0,1] -> per-model probabilities (M,B,T,T) and image probabilities (M,B) or None."""

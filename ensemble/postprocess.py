@@ -33,13 +33,17 @@ def image_score(prob: np.ndarray, image_prob: float | None) -> float:
     return float(image_prob) if image_prob is not None else float(prob.max())
 
 
+def evidence(mask: np.ndarray, prob: np.ndarray, image_prob: float | None) -> float:
+    """What the image threshold is compared with: the image head's probability when the model has one, else the
+    peak pixel probability inside the post-processed mask (0 for an empty mask)."""
+    if image_prob is not None:
+        return float(image_prob)
+    return float(prob[mask > 0].max()) if mask.any() else 0.0
+
+
 def decide(mask: np.ndarray, prob: np.ndarray, image_prob: float | None, image_threshold: float) -> bool:
-    """Defective when the post-processed mask is non-empty and the image-level evidence passes its threshold:
-    the image head's probability when the model has one, else the peak pixel probability inside the mask."""
-    if not mask.any():
-        return False
-    evidence = image_prob if image_prob is not None else float(prob[mask > 0].max())
-    return evidence >= image_threshold
+    """Defective when the post-processed mask is non-empty and its `evidence` passes the image threshold."""
+    return bool(mask.any()) and evidence(mask, prob, image_prob) >= image_threshold
 
 
 def final_mask(prob: np.ndarray, image_prob: float | None, p: dict, roi: np.ndarray | None = None,

@@ -41,6 +41,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     image_dir, out = Path(image_dir), Path(out)
     paths = find_images(image_dir, warn=warn)
     roi_mask = read_mask(roi) if roi else None
+    roi_by_shape: dict[tuple[int, int], np.ndarray] = {}  # the ROI resized once per image size
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +71,10 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
             for p, img, r in zip(batch_paths, images, results):
                 rmask = None
                 if roi_mask is not None:
-                    rmask = cv2.resize(roi_mask, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+                    h, w = img.shape[:2]
+                    if (h, w) not in roi_by_shape:
+                        roi_by_shape[h, w] = cv2.resize(roi_mask, (w, h), interpolation=cv2.INTER_NEAREST)
+                    rmask = roi_by_shape[h, w]
                 mask = final_mask(r["prob"], r["image_prob"], params, rmask, r["hits"])
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from synth.engine import SynthConfig
-from synth.io import InputError
+from synth.io import InputError, competition_dir
 
 DEFAULTS: dict = {
     "part": 1,
@@ -120,6 +120,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except (ValueError, TypeError) as e:
         raise InputError(f"{where}: synth: {e}") from None
     return cfg
+
+
+def ok_images_dir(cfg: dict) -> Path:
+    """The OK images a config trains on: `data.ok_dir` when set, else `data.root` in the competition layout."""
+    if cfg["data"]["ok_dir"]:
+        return Path(cfg["data"]["ok_dir"])
+    return competition_dir(cfg["data"]["root"], cfg["part"], "OK_Images")
 
 
 def config_for_part(part: int) -> Path | None:

@@ -27,8 +27,9 @@ from ensemble.metrics import competition_score, dice_iou
 from ensemble.postprocess import final_mask
 from synth.dataset import SynthDataset, to_tensors
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
-from synth.io import InputError, atomic_write_bytes, competition_dir, write_json
+from synth.io import InputError, atomic_write_bytes, write_json
 
+from .config import ok_images_dir
 from .curriculum import CurriculumSchedule
 from .data import LabelledFolder, SeededAugment, SynthFolderDataset, build_augment
 from .losses import SegmentationLoss
@@ -167,9 +168,8 @@ class Trainer:
         torch.manual_seed(t["seed"])
         self.synth_cfg = SynthConfig.from_dict(cfg["synth"])
         self.engine = DefectSynthesizer(self.synth_cfg)
-        ok = Path(cfg["data"]["ok_dir"]) if cfg["data"]["ok_dir"] else \
-            competition_dir(cfg["data"]["root"], cfg["part"], "OK_Images")
-        self.pool = SourcePool(ok, self.synth_cfg.channels, self.synth_cfg.size, warn=warn if self.main else None)
+        self.pool = SourcePool(ok_images_dir(cfg), self.synth_cfg.channels, self.synth_cfg.size,
+                               warn=warn if self.main else None)
         aug = SeededAugment(build_augment(t["augment"]))
         per_rank = t["steps_per_epoch"] * t["batch_size"]
         if t["synth_dir"]:
