@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synth.io import InputError, competition_dir  # noqa: E402
+from core.io import InputError, competition_dir  # noqa: E402
 
 app = typer.Typer(help="Defect detection from OK images: synthesis, segmentation, ensembles.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -158,8 +159,10 @@ def seg_train(
     val_dir: Optional[Path] = typer.Option(None, help="Real labelled folder (images + masks beside) for validation."),
     synth_dir: Optional[Path] = typer.Option(None, help="Train on a `synth generate` folder instead of on the fly."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
+    calibrate: bool = typer.Option(True, help="Calibrate best.pt on held-out OK images at the end."),
 ):
-    """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png)."""
+    """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
+    calibrate best.pt's thresholds on the held-out OK images."""
     from seg.train import train
 
     with user_errors():
@@ -171,6 +174,38 @@ def seg_train(
                         progress=Bar, warn=warn)
         console.print(f"best {cfg['train']['metric']} {summary['best']:.4f} at epoch {summary['best_epoch']}; "
                       f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
+        if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
+            calibrate_file(Path(summary["out"]) / "best.pt")
+
+
+def calibrate_file(path: Path) -> None:
+    """Calibrate a freshly written model file from its own config's held-out OK images (a failure only warns:
+    the model stays, `ensemble calibrate` can do it later)."""
+    from ensemble.calibrate import calibrate_model_file
+
+    try:
+        r = calibrate_model_file(path, warn=warn)
+    except (InputError, ValueError) as e:
+        warn(f"{path}: not calibrated ({e}); run `ensemble calibrate` on it")
+        return
+    p, rep = r["params"], r["report"]
+    console.print(f"calibrated on {r['normal_crops']} held-out normal crops + synthetic defects: pixel threshold "
+                  f"{p['threshold']:.3g}, image threshold {p['image_threshold']:.3g}, min_area {p['min_area']} "
+                  f"(target overkill {r['target_overkill']:.0%}, synthetic escape {rep['synthetic_escape']:.2f}) "
+                  f"-> stored in {path}", highlight=False)
+
+
+@seg_app.command("convert")
+def seg_convert(
+    model: Path = typer.Argument(..., help="A model file of an older version, from a source you trust."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write it (default: in place)."),
+):
+    """Rewrite an older model file in today's safe format (tensors and plain data only). Unpickles the file
+    once: only for files you trust."""
+    from core.modelfile import convert_trusted
+
+    with user_errors():
+        console.print(f"wrote {convert_trusted(model, out)}")
 
 
 # --------------------------------------------------------------------------------------------- ensemble
@@ -180,15 +215,19 @@ EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `
 
 def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto"):
     """(Ensemble, params): settings from the first checkpoint's config <- ensemble.json <- command-line flags."""
+    from core.modelfile import load_model_file
     from ensemble.models import Ensemble
-    from seg.train import load_checkpoint
-    from synth.io import read_json_file
+    from core.io import read_json_file
 
     spec = read_json_file(ensemble_file) if ensemble_file else {}
     paths = list(checkpoint or spec.get("checkpoints") or [])
     if not paths:
         raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
-    p = dict(load_checkpoint(paths[0])["config"]["predict"])
+    first = load_model_file(paths[0])
+    p = dict(first["config"]["predict"])
+    cal = first.get("calibration")
+    if cal and not spec:  # a calibrated model file: its operating point (and the TTA it was calibrated with)
+        p.update(cal["params"], tta=cal["tta"])
     p.update(spec.get("params", {}))
     for key in ("tta", "merge", "vote_k", "weights"):
         if key in spec:
@@ -196,9 +235,10 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
         if value is not None:
             p[key] = value
+    kw = {"norms": spec["norms"]} if spec.get("norms") else {}
     ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
                                     weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
-                                    tile_overlap=p["tile_overlap"])
+                                    tile_overlap=p["tile_overlap"], **kw)
     return ens, p
 
 
@@ -224,7 +264,7 @@ def ensemble_predict(
     images: Optional[Path] = ImagesOpt, part: Optional[int] = PartOpt, data: Optional[Path] = DataOpt,
     tta: Optional[str] = TtaOpt, merge: Optional[str] = MergeOpt, vote_k: Optional[int] = VoteOpt,
     weight: Optional[List[float]] = WeightsOpt,
-    threshold: Optional[float] = typer.Option(None, help="Pixel probability threshold."),
+    threshold: Optional[float] = typer.Option(None, help="Pixel threshold, on the map's scale (calibrated units)."),
     image_threshold: Optional[float] = typer.Option(None, help="Image-level threshold."),
     min_area: Optional[int] = typer.Option(None, help="Drop components under this many pixels."),
     opening: Optional[int] = typer.Option(None, help="Morphological opening kernel (px), 0 = off."),
@@ -235,7 +275,7 @@ def ensemble_predict(
 ):
     """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""
     from ensemble.predict import run_predict
-    from synth.io import find_images
+    from core.io import find_images
 
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight,
@@ -252,28 +292,42 @@ def ensemble_predict(
 
 @ensemble_app.command("calibrate")
 def ensemble_calibrate(
-    val_dir: Path = typer.Option(..., "--val-dir", help="Labelled validation images (masks or labels beside)."),
     out: Path = typer.Option(Path("ensemble.json"), "--out", "-o", help="Where to save the calibrated ensemble."),
     checkpoint: Optional[List[Path]] = CkptOpt, ensemble_file: Optional[Path] = EnsOpt,
     tta: Optional[str] = TtaOpt, merge: Optional[str] = MergeOpt, vote_k: Optional[int] = VoteOpt,
     weight: Optional[List[float]] = WeightsOpt,
-    target_overkill: float = typer.Option(0.0, help="With only normal images: allowed false-alarm rate."),
+    val_dir: Optional[Path] = typer.Option(None, "--val-dir", help="Labelled real crops (masks or labels beside): "
+                                           "when given, the score on them chooses the thresholds."),
+    target_overkill: Optional[float] = typer.Option(None, help="Allowed false-alarm rate on held-out normal crops "
+                                                    "(default: calibrate.target_overkill of the first model)."),
+    data: Optional[Path] = DataOpt,
     device: str = typer.Option("auto"),
 ):
-    """Choose threshold, image threshold and min_area for the best competition score; save with the ensemble."""
-    from ensemble.calibrate import calibrate
-    from ensemble.evaluate import has_ground_truth, load_ground_truth, load_normals
-    from synth.io import read_image, write_json
+    """Choose the operating point from OK images: map scales and the image threshold from held-out normal crops,
+    pixel threshold and min_area from synthetic defects on them (or everything from labelled real crops)."""
+    from core.modelfile import load_model_file
+    from ensemble.calibrate import calibrate_from_config
+    from ensemble.evaluate import has_ground_truth, load_ground_truth
+    from core.io import read_image, write_json
 
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {}, device)
-        paths, _, gt = load_ground_truth(val_dir) if has_ground_truth(val_dir) else load_normals(val_dir)
-        imgs = [read_image(x, ens.channels) for x in paths]
-        report = calibrate(ens, imgs, gt, p, target_overkill)
+        cfg = load_model_file(ens.paths[0])["config"]
+        if data is not None:
+            cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        labelled = None
+        if val_dir is not None:
+            if not has_ground_truth(val_dir):
+                raise InputError(f"{val_dir}: no masks or labels beside it; normal images are taken from the "
+                                 "held-out OK images, give --val-dir only for labelled crops")
+            paths, _, gt = load_ground_truth(val_dir)
+            labelled = ([read_image(x, ens.channels) for x in paths], gt)
+        report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn)
         spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
-                "weights": [float(w) for w in ens.weights], "params": report["params"], "calibration": report}
+                "weights": [float(w) for w in ens.weights], "norms": report["norms"], "params": report["params"],
+                "calibration": {k: v for k, v in report.items() if k not in ("norms", "params")}}
         write_json(out, spec)
-        console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}")
+        console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}", highlight=False)
 
 
 @ensemble_app.command("evaluate")
@@ -307,6 +361,7 @@ def baseline_fit(
         out = out or Path("runs/baselines") / f"{method}.pt"
         s = fit_baseline(cfg, method, out, progress=Bar, warn=warn, log=lambda m: console.print(m, highlight=False))
         console.print(f"{method}: fitted in {s['fit_seconds']:.1f}s, peak memory {s['peak_rss_mb']:.0f} MiB -> {out}")
+        calibrate_file(out)
 
 
 @baseline_app.command("predict")

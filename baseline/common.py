@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ from torch import nn
 
 from synth.dataset import to_tensors
 from synth.engine import SourcePool
-from synth.io import InputError, atomic_write_bytes
+from core.modelfile import save_model_file
+from core.io import InputError
 
 
 def ok_crops(pool: SourcePool, n: int, seed: int) -> torch.Tensor:
@@ -66,10 +66,8 @@ class AnomalyModel(nn.Module):
 
 def save_model(path: str | Path, model: AnomalyModel, config: dict, extra: dict | None = None) -> None:
     """One file: method, constructor arguments, tensors and the config it was fitted with."""
-    buf = io.BytesIO()
-    torch.save({"method": model.method, "init": model.init_args, "state": model.state_dict(), "config": config,
-                **(extra or {})}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_model_file(path, {"method": model.method, "init": model.init_args, "state": model.state_dict(),
+                           "config": config, **(extra or {})})
 
 
 def build(method: str, init: dict) -> AnomalyModel:

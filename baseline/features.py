@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from seg.models.encoders import load_lite_weights
-from synth.io import InputError
+from core.io import InputError
 
 
 class FeatureExtractor(nn.Module):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from synth.engine import SourcePool
-from seg.config import ok_images_dir
+from seg.config import ok_pools
 
 from .common import build, ok_crops, save_model
 
@@ -50,7 +50,9 @@ def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=No
     if method not in METHODS:
         raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     b, s = cfg["baseline"], cfg["synth"]
-    pool = SourcePool(ok_images_dir(cfg), s["channels"], s["size"], warn=warn)
+    # a baseline's own prediction default: no TTA (its map is already smooth; flips would double the cost)
+    cfg = {**cfg, "predict": {**cfg["predict"], "tta": "none"}}
+    pool, held = ok_pools(cfg, warn=warn)
     torch.manual_seed(b["seed"])
     start = time.perf_counter()
     if method == "ssim_ae":
@@ -69,7 +71,7 @@ def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=No
         crops = ok_crops(pool, b["n_train"], b["seed"])
         log(f"{method}: fitting on {len(crops)} OK crops of {s['size']} px")
         model.fit(crops)
-    held_out = ok_crops(pool, b["n_val"], b["seed"] + 7919)
+    held_out = ok_crops(held or pool, b["n_val"], b["seed"] + 7919)
     model.standardise(held_out)
     seconds = time.perf_counter() - start
     extra = {"fit_seconds": seconds, "peak_rss_mb": peak_rss_mb()}

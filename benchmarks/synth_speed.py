@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synth.engine import SynthConfig  # noqa: E402
 from synth.generate import generate  # noqa: E402
-from synth.io import competition_dir  # noqa: E402
+from core.io import competition_dir  # noqa: E402
 
 
 def main() -> None:

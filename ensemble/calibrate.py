@@ -1,54 +1,236 @@
-"""`ensemble calibrate`: choose the pixel threshold, the image threshold and `min_area` on a labelled validation
-folder to maximise the competition score. With only normal images, thresholds come from a target false-alarm
-rate on them (default 0: above every normal score seen), not from a degenerate search."""
+"""Operating points that hold on real defects, chosen from OK images only.
+
+What a user really has is many OK images, so calibration works from the share of them that training never saw
+(`data.holdout`, see `SourcePool.split`):
+
+1. every model's map is standardised on real normal crops of the held-out images (`fit_norms`: 0 at the normal
+   maps' 99.9th percentile, one unit = the distance from their median to it), so any model, segmenter or baseline,
+   lives on the same scale and a mean or a vote of several is meaningful;
+2. those normal crops fix the image threshold at a target false-alarm rate (`target_overkill`): a real quantity,
+   measured on real images, that transfers to real normal crops;
+3. synthetic defects drawn on the held-out images fix the pixel threshold and `min_area` (they are what has masks).
+
+Thresholds are searched on each ensemble's own scale (quantiles of its normal and defect maps), never on a fixed
+probability grid. With labelled real crops (`labelled`), the score on them chooses everything instead
+(`best_on_labelled`), which is also the oracle that `bench` and `evaluate` report beside the calibrated score.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable, Sequence
+
 import numpy as np
+import torch
 
-from .metrics import iou
+from core.metrics import iou
+from core.modelfile import load_model_file, set_calibration
+from core.postprocess import evidence, postprocess
+from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
+
 from .models import Ensemble
-from .postprocess import evidence, image_score, postprocess
 
-THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CAL_STREAM = 0xCA11B  # tags calibration's random streams (crops, synthetic defects): never a training stream
+NORMAL_QUANTILES = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
+DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
 
 
-def calibrate(ens: Ensemble, images: list[np.ndarray], gt: list[np.ndarray], defaults: dict,
-              target_overkill: float = 0.0) -> dict:
-    """Returns the chosen params (threshold, image_threshold, min_area, opening) and what they scored."""
-    results = ens.predict(images)
-    labels = np.array([g.any() for g in gt])
-    scores = np.array([image_score(r["prob"], r["image_prob"]) for r in results])
-    params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
-    if not labels.any():  # only normal images: a false-alarm rate, never "flag nothing / flag everything"
-        if target_overkill <= 0:
-            params["image_threshold"] = float(np.nextafter(np.float32(scores.max()), np.float32(2)))
-        else:
-            params["image_threshold"] = float(np.quantile(scores, 1 - target_overkill))
-        kept = float(np.mean(scores >= params["image_threshold"]))
-        return {"params": params, "mode": "normal-only", "normal_images": len(images),
-                "max_normal_score": float(scores.max()), "overkill_on_val": kept}
+# ------------------------------------------------------------------------------------------------ data
+def normal_crops(pool: SourcePool, n: int, seed: int) -> list[np.ndarray]:
+    """n random uint8 crops of the pool's size from its images (real normal crops)."""
+    rng = np.random.default_rng([CAL_STREAM, seed, 0])
+    s, out = pool.size, []
+    for _ in range(n):
+        img = pool.load(int(rng.integers(len(pool))))
+        y, x = int(rng.integers(0, img.shape[0] - s + 1)), int(rng.integers(0, img.shape[1] - s + 1))
+        out.append(np.ascontiguousarray(img[y:y + s, x:x + s]))
+    return out
+
+
+def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """n synthetic defective crops (image, mask) drawn on `pool` with the config's synthesis settings."""
+    engine = DefectSynthesizer(SynthConfig.from_dict({**cfg["synth"], "normal_ratio": 0.0}))
+    images, masks = [], []
+    for i in range(n):
+        image, mask, _ = engine.draw(np.random.default_rng([CAL_STREAM, seed, 1, i]), pool)
+        images.append(image)
+        masks.append(mask)
+    return images, masks
+
+
+def calibration_pools(cfg: dict, warn=None) -> tuple[SourcePool, bool]:
+    """(the pool calibration draws from, whether it is a true hold-out): the held-out OK images of the config's
+    split, or all of them (with a warning) when there are too few to hold any out."""
+    from seg.config import ok_pools
+
+    train, held = ok_pools(cfg)
+    if held is None:
+        if warn:
+            warn(f"{train.root}: no held-out OK images (data.holdout={cfg['data']['holdout']}, {len(train)} "
+                 "image(s)); calibrating on training images, thresholds will be optimistic")
+        return train, False
+    return held, True
+
+
+# ------------------------------------------------------------------------------------------------ scale
+@torch.no_grad()
+def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
+    """One normaliser per model from its raw (TTA-averaged) maps on normal crops of the model's tile size."""
+    x = torch.from_numpy(np.stack([im if im.ndim == 3 else im[..., None] for im in images])).permute(0, 3, 1, 2)
+    x = x.float().div_(255)
+    pix: list[list[torch.Tensor]] = [[] for _ in ens.models]
+    heads: list[list[torch.Tensor]] = [[] for _ in ens.models]
+    for k in range(0, len(x), ens.batch_size):
+        for i, (m, h) in enumerate(ens.raw_forward(x[k:k + ens.batch_size])):
+            pix[i].append(m.flatten().cpu())
+            if h is not None:
+                heads[i].append(h.cpu())
+    norms = []
+    for i in range(len(ens.models)):
+        flat = torch.cat(pix[i])
+        flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:2_000_000]].double()
+        q50, q999 = (float(v) for v in torch.quantile(flat, torch.tensor([0.5, 0.999], dtype=flat.dtype)))
+        norm = {"pixel": [q999, max(q999 - q50, 1e-6)], "image": None}
+        if heads[i]:
+            h = torch.cat(heads[i]).double()
+            h50, h99 = (float(v) for v in torch.quantile(h, torch.tensor([0.5, 0.99], dtype=h.dtype)))
+            norm["image"] = [h99, max(h99 - h50, 1e-6)]
+        norms.append(norm)
+    return norms
+
+
+def candidate_thresholds(normal_pixels: np.ndarray, defect_pixels: np.ndarray) -> np.ndarray:
+    """Pixel thresholds on the maps' own scale: upper quantiles of normal pixels and quantiles of defect pixels."""
+    cands = [np.quantile(normal_pixels, NORMAL_QUANTILES)]
+    if len(defect_pixels):
+        cands.append(np.quantile(defect_pixels, DEFECT_QUANTILES))
+    return np.unique(np.concatenate(cands).astype(np.float64))
+
+
+def _pool(maps: list[np.ndarray], masks: list[np.ndarray] | None, inside: bool, cap: int = 1_000_000) -> np.ndarray:
+    vals = [m[(g > 0) == inside] if masks is not None else m.ravel() for m, g in
+            zip(maps, masks if masks is not None else [None] * len(maps))]
+    flat = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    if len(flat) > cap:
+        flat = flat[np.random.default_rng(0).choice(len(flat), cap, replace=False)]
+    return flat
+
+
+# ------------------------------------------------------------------------------------------------ search
+def _sweep(results, rehit: Callable, thr: float, area: int, opening: int):
+    masks = [postprocess(r["map"], thr, area, opening, None, rehit(r, thr)) for r in results]
+    nonempty = np.array([m.any() for m in masks], bool)
+    ev = np.array([evidence(m, r["map"], r["image"]) for r, m in zip(results, masks)], np.float64)
+    return masks, nonempty, ev
+
+
+def threshold_at_rate(ev: np.ndarray, nonempty: np.ndarray, rate: float) -> float:
+    """The lowest image threshold that flags at most `rate` of the images (ties at the cut are not flagged)."""
+    vals = np.sort(ev[nonempty])[::-1]
+    k = int(np.floor(rate * len(ev) + 1e-9))
+    if k >= len(vals):
+        return float("-inf")
+    return float(np.nextafter(vals[k], np.inf))
+
+
+def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: list[np.ndarray], rehit: Callable,
+                    opening: int, target_overkill: float) -> dict:
+    """Pixel threshold and min_area that maximise the competition score with escape and mIoU measured on the
+    synthetic defects and overkill on the real normal crops, the image threshold fixed at `target_overkill`."""
+    normal_pix = _pool([r["map"] for r in normal], None, True)
+    defect_pix = _pool([r["map"] for r in synthetic], synthetic_gt, True)
     best = None
-    n_def, n_norm = int(labels.sum()), int((~labels).sum())
-    for thr in THRESHOLDS:
-        hits = [ens.rehit(r, thr) for r in results]
+    for thr in candidate_thresholds(normal_pix, defect_pix):
         for area in MIN_AREAS:
-            masks = [postprocess(r["prob"], thr, area, params["opening"], None, h) for r, h in zip(results, hits)]
-            nonempty = np.array([m.any() for m in masks])
-            passes = np.array([evidence(m, r["prob"], r["image_prob"]) for r, m in zip(results, masks)])
+            _, ne_n, ev_n = _sweep(normal, rehit, thr, area, opening)
+            tau = threshold_at_rate(ev_n, ne_n, target_overkill)
+            masks, ne_s, ev_s = _sweep(synthetic, rehit, thr, area, opening)
+            det = ne_s & (ev_s >= tau)
+            overkill = float(np.mean(ne_n & (ev_n >= tau)))
+            escape = 1.0 - float(det.mean())
+            miou = float(np.mean([iou(m, g) for m, g, d in zip(masks, synthetic_gt, det) if d])) if det.any() else 0.0
+            score = 0.5 * (1 - escape) + 0.3 * (1 - overkill) + 0.2 * miou
+            if best is None or score > best["score"] + 1e-12:
+                best = {"score": score, "threshold": float(thr), "min_area": int(area), "image_threshold": tau,
+                        "synthetic_escape": escape, "synthetic_miou": miou, "normal_overkill": overkill}
+    return best
+
+
+def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int) -> dict:
+    """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
+    themselves for the oracle that measures calibration loss: then it reports, it chooses nothing)."""
+    labels = np.array([g.any() for g in gt])
+    n_def, n_norm = int(labels.sum()), int((~labels).sum())
+    maps = [r["map"] for r in results]
+    cands = candidate_thresholds(_pool(maps, gt, False), _pool(maps, gt, True))
+    best = None
+    for thr in cands:
+        for area in MIN_AREAS:
+            masks, nonempty, ev = _sweep(results, rehit, thr, area, opening)
             ious = np.array([iou(m, g) for m, g in zip(masks, gt)])
-            for it in np.unique(np.r_[0.0, passes[nonempty]]):
-                sub = nonempty & (passes >= it)
-                escape = np.sum(labels & ~sub) / n_def
-                overkill = np.sum(~labels & sub) / n_norm if n_norm else 0.0
+            for tau in np.unique(np.r_[-np.inf, ev[nonempty]]):
+                sub = nonempty & (ev >= tau)
+                escape = float(np.sum(labels & ~sub) / n_def) if n_def else 0.0
+                overkill = float(np.sum(~labels & sub) / n_norm) if n_norm else 0.0
                 tp = labels & sub
                 miou = float(ious[tp].mean()) if tp.any() else 0.0
                 score = 0.5 * (1 - escape) + 0.3 * (1 - overkill) + 0.2 * miou
-                if best is None or score > best[0] + 1e-12:
-                    best = (score, thr, int(area), float(it), escape, overkill, miou)
-    score, thr, area, it, escape, overkill, miou = best
-    params.update(threshold=thr, min_area=area, image_threshold=it)
-    return {"params": params, "mode": "labelled", "score": score, "escape": float(escape),
-            "overkill": float(overkill), "miou": miou, "images": len(images), "defective": n_def}
+                if best is None or score > best["score"] + 1e-12:
+                    best = {"score": score, "threshold": float(thr), "min_area": int(area),
+                            "image_threshold": float(tau), "escape": escape, "overkill": overkill, "miou": miou}
+    return best
 
+
+# ------------------------------------------------------------------------------------------------ driver
+def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list, list] | None, defaults: dict,
+              target_overkill: float, labelled: tuple[list, list] | None = None) -> dict:
+    """Fit the ensemble's normalisers on `normal` crops, then choose its operating point: from `labelled` real crops
+    when given, else from the normal crops (image threshold) and the `synthetic` (images, masks) defects.
+    Returns {"params", "norms", "mode", "report"}; the ensemble keeps the fitted normalisers."""
+    if not 0 <= target_overkill < 1:
+        raise ValueError(f"target_overkill: expected a rate in [0, 1), got {target_overkill}")
+    if not len(normal):
+        raise ValueError("calibration needs normal images (held-out OK crops); none were given")
+    norms = fit_norms(ens, normal)
+    ens.set_norms(norms)
+    params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
+    if labelled is not None:
+        images, gt = labelled
+        best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, params["opening"])
+        mode = "labelled"
+    else:
+        if synthetic is None or not len(synthetic[0]):
+            raise ValueError("calibration needs synthetic defects (or labelled real crops); none were given")
+        best = operating_point(ens.predict(list(normal)), ens.predict(list(synthetic[0])), list(synthetic[1]),
+                               ens.rehit, params["opening"], target_overkill)
+        mode = "ok-images"
+    params.update(threshold=best["threshold"], min_area=best["min_area"], image_threshold=best["image_threshold"])
+    return {"params": params, "norms": norms, "mode": mode, "target_overkill": target_overkill,
+            "normal_crops": len(normal), "report": best}
+
+
+def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overkill: float | None = None,
+                          labelled: tuple[list, list] | None = None, warn=None) -> dict:
+    """`calibrate` with normal crops and synthetic defects drawn from the held-out OK images of `cfg`."""
+    c = cfg["calibrate"]
+    pool, held_out = calibration_pools(cfg, warn)
+    normal = normal_crops(pool, c["normal_crops"], c["seed"])
+    synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
+    rate = c["target_overkill"] if target_overkill is None else target_overkill
+    out = calibrate(ens, normal, synthetic, defaults, rate, labelled)
+    out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
+    return out
+
+
+def calibrate_model_file(path: str | Path, device: str = "auto", warn=None) -> dict:
+    """Calibrate one model file with its own config (its TTA, its held-out OK images) and store the result in it,
+    so `ensemble predict -m FILE` is calibrated without another command."""
+    cfg = load_model_file(path)["config"]
+    ens = Ensemble.from_checkpoints([path], device, tta_mode=cfg["predict"]["tta"], norms=[None],
+                                    batch_size=cfg["predict"]["batch_size"])
+    out = calibrate_from_config(ens, cfg, cfg["predict"], warn=warn)
+    set_calibration(path, {"norm": out["norms"][0], "params": out["params"], "tta": ens.tta_mode,
+                           "mode": out["mode"], "target_overkill": out["target_overkill"], "report": out["report"],
+                           "held_out_images": out["held_out_images"]})
+    return out

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.io import InputError, atomic_write_bytes, encode_png, find_images, read_image, read_json_file, \
+from core.io import InputError, atomic_write_bytes, encode_png, find_images, read_image, read_json_file, \
     read_mask, write_json
 from synth.preview import outline
 
-from .metrics import average_precision, competition_score, dice_iou, iou, roc_auc
+from core.metrics import average_precision, competition_score, dice_iou, iou, roc_auc
 from .submission import read_submission, record_to_mask
 
 GT_MASK_DIRS = ("TC_Masks", "masks", "Masks")
@@ -80,13 +80,21 @@ def load_predictions(pred: str | Path, stems: list[str], shapes) -> tuple[list[n
         json_dir = pred / "submission" if (pred / "submission").is_dir() else pred
         masks = [read_submission(json_dir, [s], shape)[0] for s, shape in zip(stems, shapes)]
     probs = None
-    if (pred / "probs").is_dir():
-        probs = [read_image(pred / "probs" / f"{s}.png").astype(np.float32) / 255 for s in stems]
+    if (pred / "maps").is_dir():
+        probs = [load_map(pred / "maps" / f"{s}.npy") for s in stems]
     scores = None
     if (pred / "scores.csv").exists():
         with open(pred / "scores.csv") as f:
             scores = {r["stem"]: float(r["image_score"]) for r in csv.DictReader(f)}
     return masks, probs, scores
+
+
+def load_map(path: Path) -> np.ndarray:
+    """One stored anomaly map (float32 .npy, never unpickled)."""
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable anomaly map ({e})") from None
 
 
 def compute_metrics(pred: list[np.ndarray], gt: list[np.ndarray], probs=None, scores=None) -> dict:

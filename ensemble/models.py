@@ -1,5 +1,10 @@
-"""Checkpoints in, merged probability maps out: test-time augmentation (ttach), multi-model merging (mean
-probability or k-of-n voting, optional weights) and overlapping tiles for images larger than the model's crop.
+"""Model files in, merged anomaly maps out: test-time augmentation (ttach), multi-model merging (mean or k-of-n
+voting, optional weights) and overlapping tiles for images larger than the model's crop.
+
+Maps stay on a float scale, never squashed through a sigmoid: each model's logits are averaged over the TTA passes,
+then standardised by the model's normaliser (fitted on held-out normal crops by `ensemble.calibrate`: 0 at the
+normal maps' 99.9th percentile, unit = their spread), so the maps of a segmenter and a baseline are comparable
+before they are merged. A model without a normaliser gives its raw logits (0 = probability 0.5).
 """
 
 from __future__ import annotations
@@ -12,35 +17,41 @@ import numpy as np
 import torch
 import ttach as tta
 
+from core.modelfile import load_model_file
 from seg.models import model_from_config
-from seg.train import load_checkpoint, resolve_device
-from synth.io import InputError
+from seg.train import resolve_device
+from core.io import InputError
 
 TTA = {"none": lambda: None,
        "flip": lambda: tta.Compose([tta.HorizontalFlip()]),
        "d4": tta.aliases.d4_transform}
 
 
-def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
-    """A `seg train` checkpoint or a `baseline fit` file -> (eval-mode module, the config it was made with)."""
-    ckpt = load_checkpoint(path)
+def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict, dict | None]:
+    """A `seg train` checkpoint or a `baseline fit` file -> (eval-mode module, the config it was made with, its
+    calibration or None)."""
+    ckpt = load_model_file(path)
     if "method" in ckpt:
         from baseline.common import load_model as load_baseline
 
-        return load_baseline(ckpt).to(device), ckpt["config"]
+        return load_baseline(ckpt).to(device), ckpt["config"], ckpt.get("calibration")
     model = model_from_config({**ckpt["config"]["model"], "weights": "none"})
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["config"]
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise InputError(f"{path}: weights do not fit the architecture in its config ({str(e)[:160]})") from None
+    return model.to(device).eval(), ckpt["config"], ckpt.get("calibration")
 
 
 class Ensemble:
-    """One or more segmenters with TTA; `predict(images)` gives per-image probability, hits and image score."""
+    """One or more models with TTA; `predict(images)` gives per-image merged map, hits and image score."""
 
     def __init__(self, models: Sequence[torch.nn.Module], channels: int, tile: int, device: str = "auto",
                  tta_mode: str = "flip", merge: str = "mean", vote_k: int | None = None,
-                 weights: Sequence[float] | None = None, threshold: float = 0.5, batch_size: int = 32,
-                 tile_overlap: int = 32, paths: Sequence[str] = ()):
-        """`models` map (B,C,T,T) images in [0,1] to {"mask": logits, "image": logits or None}."""
+                 weights: Sequence[float] | None = None, threshold: float = 0.0, batch_size: int = 32,
+                 tile_overlap: int = 32, paths: Sequence[str] = (), norms: Sequence[dict | None] | None = None):
+        """`models` map (B,C,T,T) images in [0,1] to {"mask": logits, "image": logits or None}. `norms`: one
+        normaliser per model, `{"pixel": [center, scale], "image": [center, scale] or None}`, or None (raw)."""
         if not models:
             raise InputError("no checkpoint given (--checkpoint PATH, repeatable)")
         if tta_mode not in TTA:
@@ -62,7 +73,14 @@ class Ensemble:
         self.tta = TTA[tta_mode]()
         self.tta_mode = tta_mode
         self.batch_size, self.overlap = batch_size, tile_overlap
+        self.set_norms(norms)
 
+    def set_norms(self, norms: Sequence[dict | None] | None) -> None:
+        """Per-model map normalisers (see the class doc); None or a None entry: raw logits."""
+        norms = list(norms) if norms is not None else [None] * len(self.models)
+        if len(norms) != len(self.models):
+            raise InputError(f"normalisers: expected {len(self.models)}, got {len(norms)}")
+        self.norms = norms
     @classmethod
     def from_checkpoints(cls, checkpoints: Sequence[str | Path], device: str = "auto", **kw) -> "Ensemble":
         """Load `seg train` checkpoints; each carries its config, so preprocessing and crop size come along."""
@@ -70,30 +88,46 @@ class Ensemble:
             raise InputError("no checkpoint given (--checkpoint PATH, repeatable)")
         dev = resolve_device(device)
         loaded = [load_model(p, dev) for p in checkpoints]
-        chans = {c["synth"]["channels"] for _, c in loaded}
+        chans = {c["synth"]["channels"] for _, c, _ in loaded}
         if len(chans) > 1:
             raise InputError(f"checkpoints disagree on input channels ({sorted(chans)}); ensemble one kind")
-        tile = min(c["synth"]["size"] for _, c in loaded)
-        return cls([m for m, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
+        tile = min(c["synth"]["size"] for _, c, _ in loaded)
+        kw.setdefault("norms", [cal["norm"] if cal else None for _, _, cal in loaded])
+        return cls([m for m, _, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
+
+    @torch.no_grad()
+    def raw_forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """x (B,C,T,T) in [0,1] -> per model: (mask logits (B,T,T), image logits (B,) or None), each the mean
+        over the TTA passes, before normalisation."""
+        x = x.to(self.device)
+        out_all = []
+        for model in self.models:
+            m_sum, h_sum, k = 0, 0, 0
+            for t in (self.tta if self.tta is not None else [None]):
+                out = model(t.augment_image(x) if t is not None else x)
+                m = out["mask"].float()
+                m_sum = m_sum + (t.deaugment_mask(m) if t is not None else m)
+                if out["image"] is not None:
+                    h_sum = h_sum + out["image"].float().view(-1)
+                k += 1
+            out_all.append(((m_sum / k)[:, 0], h_sum / k if torch.is_tensor(h_sum) else None))
+        return out_all
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B,C,T,T) in [0,1] -> per-model probabilities (M,B,T,T) and image probabilities (M,B) or None."""
-        x = x.to(self.device)
-        probs, heads = [], []
-        for model in self.models:
-            p_sum, h_sum, k = 0, 0, 0
-            for t in (self.tta if self.tta is not None else [None]):
-                out = model(t.augment_image(x) if t is not None else x)
-                p = torch.sigmoid(out["mask"].float())
-                p_sum = p_sum + (t.deaugment_mask(p) if t is not None else p)
-                if out["image"] is not None:
-                    h_sum = h_sum + torch.sigmoid(out["image"].float()).view(-1)
-                k += 1
-            probs.append((p_sum / k)[:, 0])
-            heads.append(h_sum / k if torch.is_tensor(h_sum) else None)
+        """x (B,C,T,T) in [0,1] -> per-model normalised maps (M,B,T,T) and image scores (M,B) or None."""
+        maps, heads = [], []
+        for (m, h), norm in zip(self.raw_forward(x), self.norms):
+            if norm is not None:
+                c, s = norm["pixel"]
+                m = (m - c) / s
+                if h is not None and norm.get("image") is not None:
+                    c, s = norm["image"]
+                    h = (h - c) / s
+            maps.append(m)
+            heads.append(h)
         image = torch.stack(heads) if all(h is not None for h in heads) else None
-        return torch.stack(probs).cpu(), (image.cpu() if image is not None else None)
+        return torch.stack(maps).cpu(), (image.cpu() if image is not None else None)
 
     def tiles(self, h: int, w: int) -> list[tuple[int, int]]:
         """Top-left corners of overlapping tiles covering an (h, w) image (h, w >= tile)."""
@@ -158,8 +192,9 @@ class Ensemble:
         return best
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
-        """For each uint8 image: {"prob": merged (H,W) float32, "hits": binary (H,W) before post-processing,
-        "image_prob": float or None}. Images larger than the crop are tiled with overlap and averaged."""
+        """For each uint8 image: {"map": merged (H,W) float32, "hits": binary (H,W) before post-processing,
+        "image": float or None, "per_model": (M,H,W)}. Images larger than the crop are tiled with overlap and
+        averaged."""
         t = self.tile
         jobs, canvases = self._layout(images)
         for chunk, x_t in self._batches(jobs, canvases):
@@ -182,12 +217,12 @@ class Ensemble:
     def _merge(self, c: dict) -> dict:
         h, w = c["size"]
         per_model = (c["sum"] if c["tiles"] == 1 else c["sum"] / c["count"])[:, :h, :w]
-        prob = per_model[0] if len(self.models) == 1 else \
+        amap = per_model[0] if len(self.models) == 1 else \
             np.tensordot(self.weights, per_model, axes=1).astype(np.float32)
-        image_prob = None
+        image = None
         if c["head"]:
-            image_prob = float(np.dot(self.weights, np.max(np.stack(c["head"]), axis=0)))
-        result = {"prob": prob, "image_prob": image_prob, "per_model": per_model}
+            image = float(np.dot(self.weights, np.max(np.stack(c["head"]), axis=0)))
+        result = {"map": amap, "image": image, "per_model": per_model}
         result["hits"] = self.rehit(result, self.threshold)
         return result
 
@@ -196,4 +231,4 @@ class Ensemble:
         if self.merge == "vote":
             votes = np.tensordot(self.weights * len(self.models), result["per_model"] >= threshold, axes=1)
             return (votes >= self.vote_k - 1e-9).astype(np.uint8)
-        return (result["prob"] >= threshold).astype(np.uint8)
+        return (result["map"] >= threshold).astype(np.uint8)

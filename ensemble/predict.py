@@ -1,6 +1,6 @@
-"""`ensemble predict`: a folder of test images -> submission JSONs and zip, mask PNGs, overlays, probability
-PNGs and a CSV of per-image scores, written to a temporary folder and renamed into place (never half a
-submission)."""
+"""`ensemble predict`: a folder of test images -> submission JSONs and zip, mask PNGs, overlays, anomaly maps
+(float32 .npy, exact: evaluation ranks them without ties from rounding) and a CSV of per-image scores, written to a
+temporary folder and renamed into place (never half a submission)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from synth.io import InputError, encode_png, find_images, read_image, read_mask, write_json
+from core.io import InputError, encode_png, find_images, read_image, read_mask, write_json
 from synth.preview import outline
 
 from .models import Ensemble
-from .postprocess import final_mask, image_score
+from core.postprocess import final_mask, image_score
 from .submission import dump, mask_to_record, write_zip
 
 
@@ -30,7 +30,12 @@ def publish(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the previous output back: the user never ends up with neither
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -47,7 +52,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     shutil.rmtree(tmp, ignore_errors=True)
     if overlays not in ("all", "defective", "none"):
         raise InputError(f"overlays: expected all, defective or none, got {overlays!r}")
-    for sub in ("submission", "masks", "probs") + (("overlays",) if overlays != "none" else ()):
+    for sub in ("submission", "masks", "maps") + (("overlays",) if overlays != "none" else ()):
         (tmp / sub).mkdir(parents=True)
     rows, n_def = [], 0
     ens.warmup()
@@ -75,13 +80,15 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                     if (h, w) not in roi_by_shape:
                         roi_by_shape[h, w] = cv2.resize(roi_mask, (w, h), interpolation=cv2.INTER_NEAREST)
                     rmask = roi_by_shape[h, w]
-                mask = final_mask(r["prob"], r["image_prob"], params, rmask, r["hits"])
+                hits = r["hits"] if params["threshold"] == ens.threshold else ens.rehit(r, params["threshold"])
+                mask = final_mask(r["map"], r["image"], params, rmask, hits)
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())
-                pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["prob"], overlays))
+                pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays))
                 rows.append({"name": p.name, "stem": stem, "defective": int(mask.any()),
-                             "image_score": round(image_score(r["prob"], r["image_prob"]), 6),
-                             "peak_prob": round(float(r["prob"].max()), 6), "area": int(mask.sum())})
+                             "image_score": float(image_score(r["map"], r["image"])),
+                             "image_head": "" if r["image"] is None else float(r["image"]),
+                             "peak": float(r["map"].max()), "area": int(mask.sum())})
             if progress:
                 progress(len(batch_paths))
         for f in pending:
@@ -107,14 +114,14 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     return summary
 
 
-def write_outputs(tmp: Path, stem: str, name: str, img: np.ndarray, mask: np.ndarray, prob: np.ndarray,
+def write_outputs(tmp: Path, stem: str, name: str, img: np.ndarray, mask: np.ndarray, amap: np.ndarray,
                   overlays: str) -> None:
-    """One image's files inside the temporary output folder (published whole at the end). Probabilities are
-    stored as 8-bit PNG without deflate (fast; they feed `ensemble evaluate`'s AUROC and AP)."""
+    """One image's files inside the temporary output folder (published whole at the end). Maps are stored as
+    float32 .npy, unrounded: they feed `ensemble evaluate`'s AUROC and AP."""
     defective = bool(mask.any())
     if defective:
         (tmp / "submission" / f"{stem}.json").write_text(dump(mask_to_record(mask, name)))
     (tmp / "masks" / f"{stem}.png").write_bytes(encode_png(mask * 255))
-    (tmp / "probs" / f"{stem}.png").write_bytes(encode_png(np.round(prob * 255).astype(np.uint8), 0))
+    np.save(tmp / "maps" / f"{stem}.npy", np.asarray(amap, np.float32), allow_pickle=False)
     if overlays == "all" or (overlays == "defective" and defective):
         (tmp / "overlays" / f"{stem}.png").write_bytes(encode_png(outline(img, mask), 0))

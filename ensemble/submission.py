@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from synth.io import InputError, read_json_file
+from core.io import InputError, read_json_file
 
 
 def mask_to_record(mask: np.ndarray, name: str) -> dict:

@@ -13,11 +13,11 @@ from pathlib import Path
 import yaml
 
 from synth.engine import SynthConfig
-from synth.io import InputError, competition_dir
+from core.io import InputError, competition_dir
 
 DEFAULTS: dict = {
     "part": 1,
-    "data": {"root": "data/sample", "ok_dir": None, "test_dir": None},
+    "data": {"root": "data/sample", "ok_dir": None, "test_dir": None, "holdout": 0.2, "holdout_seed": 0},
     "synth": SynthConfig().to_dict(),
     "model": {
         "arch": "unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
@@ -38,9 +38,12 @@ DEFAULTS: dict = {
         "ae_width": 16,
     },
     "predict": {
-        "tta": "flip", "threshold": 0.5, "image_threshold": 0.5, "min_area": 10, "opening": 0,
+        "tta": "flip", "threshold": 0.0, "image_threshold": 0.0, "min_area": 10, "opening": 0,
         "merge": "mean", "vote_k": None, "weights": None, "tile_overlap": 32, "batch_size": 32, "roi": None,
     },
+    # operating point chosen from OK images only: real normal crops of the held-out OK images fix the image
+    # threshold at `target_overkill`; synthetic defects on those images fix the pixel threshold and min_area
+    "calibrate": {"target_overkill": 0.05, "normal_crops": 256, "synth_n": 256, "seed": 4242},
 }
 
 CHOICES = {
@@ -127,6 +130,15 @@ def ok_images_dir(cfg: dict) -> Path:
     if cfg["data"]["ok_dir"]:
         return Path(cfg["data"]["ok_dir"])
     return competition_dir(cfg["data"]["root"], cfg["part"], "OK_Images")
+
+
+def ok_pools(cfg: dict, warn=None):
+    """(training pool, held-out pool or None) of a config's OK images, split by `data.holdout`."""
+    from synth.engine import SourcePool
+
+    s, d = cfg["synth"], cfg["data"]
+    pool = SourcePool(ok_images_dir(cfg), s["channels"], s["size"], warn=warn)
+    return pool.split(d["holdout"], d["holdout_seed"])
 
 
 def config_for_part(part: int) -> Path | None:

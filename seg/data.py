@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from synth.dataset import to_tensors
-from synth.io import InputError, find_images, read_image, read_jsonl, read_mask
+from core.io import InputError, find_images, read_image, read_jsonl, read_mask
 
 
 def build_augment(cfg: dict) -> A.Compose | None:

@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ensemble.metrics import competition_score, dice_iou
-from ensemble.postprocess import final_mask
+from core.metrics import competition_score, dice_iou
+from core.modelfile import load_model_file, save_model_file
+from core.postprocess import final_mask
 from synth.dataset import SynthDataset, to_tensors
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
-from synth.io import InputError, atomic_write_bytes, write_json
+from core.io import InputError, atomic_write_bytes, write_json
 
-from .config import ok_images_dir
+from .config import ok_pools
 from .curriculum import CurriculumSchedule
 from .data import LabelledFolder, SeededAugment, SynthFolderDataset, build_augment
 from .losses import SegmentationLoss
@@ -46,51 +47,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
-        raise InputError(f"{path}: not a checkpoint written by `seg train` or `baseline fit` (no model/config)")
-    return ckpt
+save_checkpoint = save_model_file
+load_checkpoint = load_model_file
 
 
 @torch.no_grad()
 def predict_batches(model, images: torch.Tensor, device, batch_size: int = 32):
-    """Probabilities (N,1,H,W) and image-level probabilities (N,) or None, model in eval mode."""
+    """Mask logits (N,1,H,W) and image-level logits (N,) or None, model in eval mode."""
     model.eval()
-    probs, image_probs = [], []
+    logits, heads = [], []
     for k in range(0, len(images), batch_size):
         out = model(images[k:k + batch_size].to(device))
-        probs.append(torch.sigmoid(out["mask"].float()).cpu())
+        logits.append(out["mask"].float().cpu())
         if out["image"] is not None:
-            image_probs.append(torch.sigmoid(out["image"].float()).view(-1).cpu())
-    return torch.cat(probs), (torch.cat(image_probs) if image_probs else None)
+            heads.append(out["image"].float().view(-1).cpu())
+    return torch.cat(logits), (torch.cat(heads) if heads else None)
 
 
 def evaluate_set(model, images, masks, predict_cfg: dict, device, loss_fn=None) -> dict:
-    """Val metrics: loss, pixel dice/iou, image accuracy and the competition score (after post-processing)."""
-    probs, img_probs = predict_batches(model, images, device, predict_cfg["batch_size"])
+    """Val metrics: loss, pixel dice/iou, image accuracy and the competition score (after post-processing at the
+    config's thresholds, on the logit scale)."""
+    logits, heads = predict_batches(model, images, device, predict_cfg["batch_size"])
     pred, gt = [], []
     for i in range(len(images)):
-        ip = None if img_probs is None else float(img_probs[i])
-        pred.append(final_mask(probs[i, 0].numpy(), ip, predict_cfg))
+        head = None if heads is None else float(heads[i])
+        pred.append(final_mask(logits[i, 0].numpy(), head, predict_cfg))
         gt.append(masks[i, 0].numpy().astype(np.uint8))
     dice, iou = dice_iou(pred, gt)
     acc = float(np.mean([p.any() == g.any() for p, g in zip(pred, gt)]))
     row = {"dice": dice, "iou": iou, "image_acc": acc, **competition_score(pred, gt)}
     if loss_fn is not None:
-        logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
         row["loss"] = float(loss_fn.mask_term(logits, masks.float()))
     return row
 
@@ -168,8 +154,7 @@ class Trainer:
         torch.manual_seed(t["seed"])
         self.synth_cfg = SynthConfig.from_dict(cfg["synth"])
         self.engine = DefectSynthesizer(self.synth_cfg)
-        self.pool = SourcePool(ok_images_dir(cfg), self.synth_cfg.channels, self.synth_cfg.size,
-                               warn=warn if self.main else None)
+        self.pool, self.held_out = ok_pools(cfg, warn=warn if self.main else None)
         aug = SeededAugment(build_augment(t["augment"]))
         per_rank = t["steps_per_epoch"] * t["batch_size"]
         if t["synth_dir"]:
@@ -188,7 +173,8 @@ class Trainer:
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total, eta_min=t["lr"] * 0.01)
         self.amp = bool(t["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.val = synthetic_val_set(self.engine, self.pool, t["val_n"], t["val_seed"])
+        # validation defects are drawn on the held-out OK images (never trained on), when there are any
+        self.val = synthetic_val_set(self.engine, self.held_out or self.pool, t["val_n"], t["val_seed"])
         self.real = None
         if t["val_dir"]:
             ds = LabelledFolder(t["val_dir"], channels=self.synth_cfg.channels)
@@ -265,7 +251,7 @@ class Trainer:
                 val = evaluate_set(self.model, *self.val, self.cfg["predict"], self.device, self.loss_fn)
                 row.update({f"val_{k}": v for k, v in val.items() if k not in ("defective", "normal")})
                 if self.real is not None:
-                    real = evaluate_set(self.model, *self.real, self.cfg["predict"], self.device)
+                    real = evaluate_set(self.model, *self.real, self.cfg["predict"], self.device, self.loss_fn)
                     row.update({f"real_{k}": v for k, v in real.items() if k not in ("defective", "normal")})
                 self.rows.append(row)
                 if self.step_best(row, epoch) and self.main:

@@ -15,11 +15,12 @@ import cv2
 import numpy as np
 
 from .appearance import BLENDS, FILLS, AlphaBlend, PoissonBlend
-from .io import InputError, find_images, read_image, read_mask
+from core.io import InputError, find_images, read_image, read_mask
 from .params import check_range, check_weights, choose, integer
 from .shapes import SHAPES, ElasticWarp, render_shape
 from .structural import Displacement
 
+SPLIT_STREAM = 0x5EED0C  # tags the held-out split's random stream, so it never coincides with a sample stream
 MASKED_FAMILIES = ("bezier_blob", "bezier_stroke", "gaussian", "perlin")
 FAMILIES = MASKED_FAMILIES + ("cut_paste", "displacement")
 
@@ -114,6 +115,20 @@ class SourcePool:
 
     def index(self, rel: str) -> int:
         return self.paths.index(rel)
+
+    def split(self, holdout: float, seed: int = 0) -> tuple["SourcePool", "SourcePool | None"]:
+        """(training pool, held-out pool or None): a share `holdout` of the images (at least one, when there are
+        two or more) is kept out of training and serves calibration as real normal images. The split depends only
+        on the sorted file names and `seed`, so it is the same on every run and recorded by name in model files."""
+        n_hold = min(len(self) - 1, max(1, round(holdout * len(self)))) if holdout > 0 else 0
+        if n_hold <= 0:
+            return self, None
+        names = sorted(self.paths)
+        order = np.random.default_rng([SPLIT_STREAM, seed]).permutation(len(names))
+        held = {names[i] for i in order[:n_hold]}
+        train = [p for p in self.paths if p not in held]
+        return (SourcePool(self.root, self.channels, self.size, paths=train),
+                SourcePool(self.root, self.channels, self.size, paths=sorted(held)))
 
     def load(self, i: int) -> np.ndarray:
         """Image i, reflect-padded to at least `size` on each side (documented: small images are padded)."""

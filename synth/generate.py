@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from .engine import DefectSynthesizer, SourcePool, SynthConfig
-from .io import InputError, append_jsonl, read_jsonl, read_json_file, write_json, write_png
+from core.io import InputError, append_jsonl, read_jsonl, read_json_file, write_json, write_png
 
 _WORKER: dict = {}
 

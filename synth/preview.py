@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .io import InputError, read_image, read_jsonl, write_png
+from core.io import InputError, read_image, read_jsonl, write_png
 
 
 def outline(image: np.ndarray, mask: np.ndarray, color=(0, 0, 255)) -> np.ndarray:

@@ -12,7 +12,7 @@ from baseline.common import build, ok_crops, save_model
 from baseline.fit import fit_baseline, train_autoencoder
 from baseline.patchcore import greedy_coreset, nearest
 from ensemble.models import Ensemble, load_model
-from ensemble.postprocess import postprocess
+from core.postprocess import postprocess
 from seg.config import load_config
 from synth.dataset import to_tensors
 from synth.engine import SourcePool
@@ -79,7 +79,7 @@ def test_saved_model_reloads_to_identical_scores(fitted, method, tmp_path):
     model = fitted[0][method]
     cfg = load_config(None)
     save_model(tmp_path / "m.pt", model, cfg)
-    again, config = load_model(tmp_path / "m.pt", torch.device("cpu"))
+    again, config, _ = load_model(tmp_path / "m.pt", torch.device("cpu"))
     img, mask = defect_crop()
     x = to_tensors(img, mask)[0][None]
     with torch.no_grad():
@@ -93,8 +93,10 @@ def test_baselines_go_through_the_shared_pipeline(fitted):
     img, mask = defect_crop()
     ens = Ensemble([fitted[0]["patchcore"]], 1, 128, "cpu", "none")
     r = ens.predict([img])[0]
-    found = postprocess(r["prob"], 0.5, 10)
-    assert found[mask > 0].mean() > 0.5 and r["image_prob"] is not None
+    found = postprocess(r["map"], 0.5, 10)
+    assert found[mask > 0].mean() > 0.5 and r["image"] is not None
+    normal = ens.predict([textured(12)[:128, 40:168]])[0]  # no defect: no false alarm at the same threshold
+    assert not postprocess(normal["map"], 0.5, 10).any()
 
 
 def test_fit_baseline_writes_one_file(fitted, tmp_path):

@@ -11,15 +11,16 @@ import torch
 from conftest import SAMPLE, SHARED, textured
 from torch import nn
 
-from ensemble.calibrate import calibrate
+from ensemble.calibrate import best_on_labelled, calibrate, fit_norms, threshold_at_rate
 from ensemble.evaluate import compute_metrics, evaluate, load_ground_truth
-from ensemble.metrics import average_precision, competition_score, roc_auc
+from core.metrics import average_precision, competition_score, roc_auc
 from ensemble.models import Ensemble
+from core.postprocess import final_mask
 from ensemble.predict import run_predict
 from ensemble.submission import mask_to_record, read_submission, record_to_mask
-from synth.io import read_image
+from core.io import read_image
 
-PARAMS = {"threshold": 0.5, "image_threshold": 0.5, "min_area": 0, "opening": 0}
+PARAMS = {"threshold": 0.0, "image_threshold": 0.0, "min_area": 0, "opening": 0}  # logit 0 = probability 0.5
 
 
 class Pointwise(nn.Module):
@@ -90,7 +91,7 @@ def test_d4_tta_on_an_equivariant_model_changes_nothing():
     img = textured(4)[:128, :128]
     plain = Ensemble([Isotropic()], 1, 128, "cpu", tta_mode="none").predict([img])[0]
     d4 = Ensemble([Isotropic()], 1, 128, "cpu", tta_mode="d4").predict([img])[0]
-    assert np.allclose(plain["prob"], d4["prob"], atol=1e-5)
+    assert np.allclose(plain["map"], d4["map"], atol=1e-5)
     assert np.array_equal(plain["hits"], d4["hits"]) and 0 < plain["hits"].mean() < 1
 
 
@@ -105,16 +106,17 @@ def test_k_of_n_voting():
     weighted = Ensemble(models, 1, 128, "cpu", "none", "vote", vote_k=2, weights=[0.2, 0.2, 2.6]).predict([img])[0]
     assert not weighted["hits"].any()  # the heavy "nothing" model outvotes the two others
     mean = Ensemble(models, 1, 128, "cpu", "none", "mean").predict([img])[0]
-    assert mean["prob"][0, 0] == pytest.approx((2 / (1 + np.exp(-4)) + 1 / (1 + np.e)) / 3, abs=1e-6)
+    assert mean["map"][0, 0] == pytest.approx((4 + 4 - 1) / 3, abs=1e-6)  # mean of logits, never saturated
+    assert mean["map"][0, 100] == pytest.approx((-4 - 4 - 1) / 3, abs=1e-6)
 
 
 def test_tiling_reproduces_the_whole_image_prediction():
     big = textured(7, h=300, w=260)
     ens = Ensemble([Pointwise()], 1, 128, "cpu", "none", tile_overlap=40, batch_size=5)
-    whole = torch.sigmoid(Pointwise()(torch.from_numpy(big)[None, None].float() / 255)["mask"])[0, 0].numpy()
+    whole = Pointwise()(torch.from_numpy(big)[None, None].float() / 255)["mask"][0, 0].numpy()
     out = ens.predict([big, big[:100, :90]])
-    assert out[0]["prob"].shape == (300, 260) and np.allclose(out[0]["prob"], whole, atol=1e-6)
-    assert out[1]["prob"].shape == (100, 90) and np.allclose(out[1]["prob"], whole[:100, :90], atol=1e-6)
+    assert out[0]["map"].shape == (300, 260) and np.allclose(out[0]["map"], whole, atol=1e-5)
+    assert out[1]["map"].shape == (100, 90) and np.allclose(out[1]["map"], whole[:100, :90], atol=1e-5)
     assert all(y + 128 <= 300 and x + 128 <= 260 for y, x in ens.tiles(300, 260))
 
 
@@ -150,35 +152,114 @@ def test_predict_writes_submission_and_an_interrupted_run_leaves_no_partial_outp
     assert not (tmp_path / "fresh").exists()
 
 
-def test_calibration_with_only_normal_images_stays_above_every_normal_score():
-    normals = [textured(i)[:128, :128] for i in range(8)]
-    ens = Ensemble([Pointwise(10, -6)], 1, 128, "cpu", "none")
-    gt = [np.zeros((128, 128), np.uint8) for _ in normals]
-    report = calibrate(ens, normals, gt, {**PARAMS, "threshold": 0.3})
-    seen = [r["prob"].max() for r in ens.predict(normals)]
-    assert report["mode"] == "normal-only" and report["params"]["image_threshold"] > max(seen)
-    assert report["overkill_on_val"] == 0
-    with_head = Ensemble([Pointwise(10, -6, head=1.5)], 1, 128, "cpu", "none")
-    report = calibrate(with_head, normals, gt, PARAMS, target_overkill=0.0)
-    assert report["params"]["image_threshold"] > 1 / (1 + np.exp(-1.5))
+class Noisy(nn.Module):
+    """A fixed random response per input (seeded by the image content), times `gain`, plus an optional bright
+    response on pixels above 0.85: a stand-in for a model on normal variation with real detections on top."""
+
+    def __init__(self, gain=1.0, offset=0.0, head=False, bright=12.0):
+        super().__init__()
+        self.gain, self.offset, self.head, self.bright = gain, offset, head, bright
+
+    def forward(self, x):
+        g = torch.Generator().manual_seed(int(x.sum() * 1000) % (2**31))
+        noise = torch.nn.functional.avg_pool2d(torch.randn(x[:, :1].shape, generator=g), 5, 1, 2) * 3
+        m = self.gain * (noise + self.bright * (x[:, :1] > 0.85).float()) + self.offset
+        return {"mask": m, "image": m.amax((1, 2, 3))[:, None] if self.head else None}
 
 
-def test_calibration_on_labelled_images_beats_the_defaults():
-    rng = np.random.default_rng(0)
-    images, gt = [], []
-    for i in range(12):
-        img = textured(i)[:128, :128].copy()
-        m = np.zeros((128, 128), np.uint8)
-        if i % 2:
-            cv2.circle(m, (int(rng.integers(20, 108)), int(rng.integers(20, 108))), 8, 1, -1)
-            img[m > 0] = 230
-        images.append(img)
-        gt.append(m)
-    ens = Ensemble([Pointwise(12, -7)], 1, 128, "cpu", "none")  # noisy: bright streaks fire at 0.5
-    report = calibrate(ens, images, gt, PARAMS)
-    default_masks = [r["hits"] for r in ens.predict(images)]
-    assert report["score"] > competition_score(default_masks, gt)["score"]
-    assert report["score"] > 0.95
+def spotted(seed: int, defect: bool):
+    img = textured(seed, h=128, w=128).copy()
+    m = np.zeros((128, 128), np.uint8)
+    if defect:
+        rng = np.random.default_rng(seed)
+        cv2.circle(m, (int(rng.integers(20, 108)), int(rng.integers(20, 108))), 7, 1, -1)
+        img[m > 0] = 235
+    return img, m
+
+
+def test_target_false_alarm_rate_is_met_on_unseen_normal_crops():
+    fit_on = [spotted(i, False)[0] for i in range(100)]
+    unseen = [spotted(1000 + i, False)[0] for i in range(200)]
+    syn = [spotted(2000 + i, True) for i in range(20)]
+    syn = ([s[0] for s in syn], [s[1] for s in syn])
+    for head in (False, True):
+        # a model blind to the defects: the best it can do is flag as many images as the false-alarm budget allows
+        blind = Ensemble([Noisy(head=head, bright=0.0)], 1, 128, "cpu", "none")
+        rep = calibrate(blind, fit_on, syn, PARAMS, target_overkill=0.1)
+        fit_rate = rep["report"]["normal_overkill"]
+        assert 0.03 <= fit_rate <= 0.1
+        flagged = [final_mask(r["map"], r["image"], rep["params"]).any() for r in blind.predict(unseen)]
+        assert abs(np.mean(flagged) - fit_rate) <= 0.06, (head, np.mean(flagged))  # the same rate on new crops
+        # a model that sees them: the budget is an upper bound, the defects are found
+        ens = Ensemble([Noisy(head=head)], 1, 128, "cpu", "none")
+        rep = calibrate(ens, fit_on, syn, PARAMS, target_overkill=0.1)
+        flagged = [final_mask(r["map"], r["image"], rep["params"]).any() for r in ens.predict(unseen)]
+        found = [final_mask(r["map"], r["image"], rep["params"]).any() for r in ens.predict(syn[0])]
+        assert np.mean(flagged) <= 0.17 and np.mean(found) >= 0.9
+
+
+def test_threshold_at_rate_flags_at_most_the_rate():
+    ev = np.array([5.0, 4.0, 4.0, 3.0, -np.inf, 1.0, 0.5, 0.2, 0.1, 0.0])
+    nonempty = np.isfinite(ev)
+    for rate, flagged in ((0.0, 0), (0.1, 1), (0.2, 1), (0.4, 4), (0.9, 9), (1.0, 9)):
+        tau = threshold_at_rate(ev, nonempty, rate)
+        assert int(np.sum(nonempty & (ev >= tau))) == flagged, rate
+
+
+def test_a_map_far_outside_a_probability_grid_gets_calibrated():
+    normal = [spotted(i, False)[0] for i in range(40)]
+    syn = [spotted(3000 + i, True) for i in range(20)]
+    test = [spotted(4000 + i, i % 2 == 1) for i in range(20)]
+    for gain, offset in ((1000.0, -30000.0), (1e-3, 50.0)):  # every pixel "probability" 0 or 1 on a 0.2-0.9 grid
+        ens = Ensemble([Noisy(gain, offset)], 1, 128, "cpu", "none")
+        rep = calibrate(ens, normal, ([s[0] for s in syn], [s[1] for s in syn]), PARAMS, target_overkill=0.05)
+        pred = [final_mask(r["map"], r["image"], rep["params"]) for r in ens.predict([t[0] for t in test])]
+        assert competition_score(pred, [t[1] for t in test])["score"] > 0.9, gain
+
+
+def test_models_of_very_different_scales_get_comparable_maps():
+    normal = [spotted(i, False)[0] for i in range(40)]
+    ens = Ensemble([Noisy(1000.0, 300.0), Noisy(0.01, -2.0)], 1, 128, "cpu", "none")
+    norms = fit_norms(ens, normal)
+    ens.set_norms(norms)
+    per_model = np.stack([r["per_model"] for r in ens.predict(normal)], 1)  # (M, N, H, W)
+    q999 = [np.quantile(p, 0.999) for p in per_model]
+    spread = [np.quantile(p, 0.999) - np.quantile(p, 0.5) for p in per_model]
+    assert np.allclose(q999, 0, atol=0.05) and np.allclose(spread, 1, atol=0.05)
+    img, m = spotted(7, True)
+    r = ens.predict([img])[0]
+    both = r["per_model"][:, m > 0].mean(1)
+    assert both[0] == pytest.approx(both[1], rel=0.05)  # the same defect, the same standardised evidence
+
+
+def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
+    images, gt = zip(*[spotted(i, i % 2 == 1) for i in range(16)])
+    ens = Ensemble([Noisy(1.0, 4.0)], 1, 128, "cpu", "none")  # noisy: normal texture fires at logit 0
+    rep = calibrate(ens, images[::2], None, PARAMS, 0.05, labelled=(list(images), list(gt)))
+    default_masks = [final_mask(r["map"], r["image"], PARAMS) for r in ens.predict(list(images))]
+    assert rep["mode"] == "labelled" and rep["report"]["score"] > competition_score(default_masks, list(gt))["score"]
+    best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, 0)
+    chosen = [final_mask(r["map"], r["image"], rep["params"]) for r in ens.predict(list(images))]
+    assert competition_score(chosen, list(gt))["score"] == pytest.approx(best["score"]) and best["score"] > 0.95
+
+
+def test_auroc_from_stored_maps_equals_auroc_in_memory(tmp_path):
+    images = tmp_path / "TC_Images"
+    masks = tmp_path / "TC_Masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(8):
+        img, m = spotted(i, i % 2 == 1)
+        cv2.imwrite(str(images / f"c{i}.bmp"), img)
+        cv2.imwrite(str(masks / f"c{i}.png"), m * 255)
+    ens = Ensemble([Noisy(1e4, -3e4)], 1, 128, "cpu", "none")  # huge logits: 8-bit probabilities would all tie
+    run_predict(ens, images, tmp_path / "pred", PARAMS)
+    _, _, gt = load_ground_truth(images)
+    in_memory = [r["map"] for r in ens.predict([read_image(images / f"c{i}.bmp") for i in range(8)])]
+    m = evaluate(tmp_path / "pred", images, tmp_path / "rep")
+    flat_g = np.concatenate([g.ravel() > 0 for g in gt])
+    assert m["pixel_auroc"] == roc_auc(np.concatenate([x.ravel() for x in in_memory]), flat_g)
+    assert m["pixel_ap"] == average_precision(np.concatenate([x.ravel() for x in in_memory]), flat_g)
 
 
 def test_evaluate_writes_json_markdown_and_html(tmp_path):

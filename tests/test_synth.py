@@ -15,7 +15,7 @@ from conftest import ROOT, textured
 from synth.appearance import AlphaBlend, PoissonBlend, Shade, edge_radius
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
 from synth.generate import generate
-from synth.io import InputError, read_image, read_jsonl
+from core.io import InputError, read_image, read_jsonl
 from synth.shapes import SHAPES, BezierStroke, ElasticWarp
 from synth.structural import Displacement
 

@@ -18,7 +18,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from synth.io import InputError
+from core.io import InputError
 
 from .encoders import LITE_ENCODERS, load_lite_weights
 from .unet3plus.model import UNet3Plus

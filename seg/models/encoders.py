@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from synth.io import InputError
+from core.io import InputError
 
 LITE_ENCODERS = {f"tu-tf_efficientnet_lite{i}": i for i in range(5)}
 

@@ -2,8 +2,10 @@
 
 Works with every smp encoder (it only uses the encoder contract: `out_channels` and a feature list).
 Forward returns `(mask_logits, image_logits, deep_logits)`: deep supervision maps (one per decoder stage and the
-deepest encoder stage, upsampled to the input size) are returned in training mode only. With `cgm=True`, in eval
-mode the mask of an image the classification head judges normal (p < 0.5) is suppressed (logits set to -30).
+deepest encoder stage, upsampled to the input size) are returned in training mode only. With `cgm=True` the
+classification head guides the mask at decision time: `core.postprocess.decide` drops the mask of an image whose
+head score is under the calibrated image threshold (the model itself never blanks its mask, so TTA averages and
+calibrated thresholds below 0.5 work).
 
 Example:
     >>> m = UNet3Plus("resnet18", encoder_weights=None, in_channels=1).eval()
@@ -22,9 +24,6 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 
 from .decoder import UNet3PlusDecoder
-
-SUPPRESSED = -30.0
-
 
 class UNet3Plus(nn.Module):
     def __init__(self, encoder_name: str = "resnet34", encoder_weights: str | None = None, in_channels: int = 3,
@@ -56,7 +55,4 @@ class UNet3Plus(nn.Module):
         if self.training and self.deep_heads is not None:
             deep = [F.interpolate(h(m), size=size, mode="bilinear", align_corners=False)
                     for h, m in zip(self.deep_heads, maps[1:])]
-        if self.cgm and not self.training and image is not None:
-            normal = (torch.sigmoid(image) < 0.5).view(-1, 1, 1, 1)
-            mask = torch.where(normal, torch.full_like(mask, SUPPRESSED), mask)
         return mask, image, deep

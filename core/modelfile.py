@@ -1,0 +1,88 @@
+"""The model-file format shared by segmenters and baselines: one `torch.save`d dict of tensors and plain data
+(numbers, strings, lists, dicts), read back with `weights_only=True`, so loading a file never runs code in it.
+
+Keys: `config` (the resolved config), then either `model` (a segmenter's state dict, from `seg train`) or `method`,
+`init`, `state` (a baseline, from `baseline fit`), and optionally `calibration` (the operating point and the map
+normaliser chosen by `ensemble.calibrate`, see there).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.io import InputError, atomic_write_bytes
+
+
+def plain(obj):
+    """`obj` with numpy scalars and arrays turned into Python numbers and tensors, so the file loads with
+    `weights_only=True`."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_model_file(path: str | Path, state: dict) -> None:
+    """Write `state` (made plain, see `plain`) atomically: a reader never sees half a file."""
+    buf = io.BytesIO()
+    torch.save(plain(state), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_model_file(path: str | Path, map_location="cpu") -> dict:
+    """A model file's dict. Never executes code from the file: anything but tensors and plain data is refused
+    with one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        if not found:
+            raise InputError(f"{path}: not a readable model file ({str(e).splitlines()[-1][:160]})") from None
+        raise InputError(f"{path}: refused to load: it refers to {found.group(1)}, not only tensors and plain "
+                         "data, and loading it could run code; only files written by `seg train` or `baseline fit` "
+                         "load; a file of an older version that you trust converts with "
+                         "`python cli.py seg convert FILE`") from None
+    except Exception as e:  # truncated, not a torch file at all, ...
+        raise InputError(f"{path}: not a readable model file ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
+        raise InputError(f"{path}: not a model file written by `seg train` or `baseline fit` (no model/config)")
+    return ckpt
+
+
+def set_calibration(path: str | Path, calibration: dict) -> None:
+    """Store (or replace) the calibration inside an existing model file, atomically."""
+    ckpt = load_model_file(path)
+    ckpt["calibration"] = calibration
+    save_model_file(path, ckpt)
+
+
+def convert_trusted(path: str | Path, out: str | Path | None = None) -> Path:
+    """Rewrite a model file of an older version (which may hold numpy scalars) in today's plain format. This one
+    call unpickles the file fully: run it only on files you trust."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable model file ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
+        raise InputError(f"{path}: not a model file written by `seg train` or `baseline fit` (no model/config)")
+    out = Path(out or path)
+    save_model_file(out, ckpt)
+    load_model_file(out)
+    return out

@@ -1,0 +1,59 @@
+"""From an anomaly map to a binary mask and an image-level decision; shared by every method.
+
+Maps are on the model's own scale, never squashed into probabilities: logits for an uncalibrated segmenter (0 is
+probability 0.5), units of the held-out normal maps after calibration (see `ensemble.calibrate`). Thresholds are
+on that same scale, so strong detections never tie at 1.0.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def remove_small(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop connected components (8-connected) smaller than `min_area` pixels."""
+    if min_area <= 1 or not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels].astype(np.uint8)
+
+
+def postprocess(amap: np.ndarray, threshold: float = 0.0, min_area: int = 0, opening: int = 0,
+                roi: np.ndarray | None = None, hits: np.ndarray | None = None) -> np.ndarray:
+    """Binary uint8 {0,1} mask: `amap >= threshold` (or the given `hits`, e.g. a k-of-n vote), optional opening
+    (kernel size px), region of interest, then components under `min_area` dropped."""
+    mask = (amap >= threshold).astype(np.uint8) if hits is None else hits.astype(np.uint8)
+    if opening and opening > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (opening,) * 2))
+    if roi is not None:
+        mask &= (roi > 0).astype(np.uint8)
+    return remove_small(mask, min_area)
+
+
+def image_score(amap: np.ndarray, image: float | None) -> float:
+    """The image-level score for ranking: the image head's value when the model has one, else the peak pixel."""
+    return float(image) if image is not None else float(amap.max())
+
+
+def evidence(mask: np.ndarray, amap: np.ndarray, image: float | None) -> float:
+    """What the image threshold is compared with: the image head's value when the model has one, else the peak of
+    the map inside the post-processed mask (-inf for an empty mask)."""
+    if image is not None:
+        return float(image)
+    return float(amap[mask > 0].max()) if mask.any() else float("-inf")
+
+
+def decide(mask: np.ndarray, amap: np.ndarray, image: float | None, image_threshold: float) -> bool:
+    """Defective when the post-processed mask is non-empty and its `evidence` passes the image threshold.
+    The one place where an image is judged: no model blanks its own mask."""
+    return bool(mask.any()) and evidence(mask, amap, image) >= image_threshold
+
+
+def final_mask(amap: np.ndarray, image: float | None, p: dict, roi: np.ndarray | None = None,
+               hits: np.ndarray | None = None) -> np.ndarray:
+    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees)."""
+    mask = postprocess(amap, p["threshold"], p["min_area"], p["opening"], roi, hits)
+    return mask if decide(mask, amap, image, p["image_threshold"]) else np.zeros_like(mask)

@@ -1,0 +1,126 @@
+"""The shared layer and what it guarantees: safe model files, calibration carried by them, the held-out split,
+atomic publishing, and imports that only point down."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, textured
+
+from baseline.fit import fit_baseline
+from core.modelfile import load_model_file, save_model_file
+from ensemble import predict as predict_mod
+from ensemble.calibrate import calibrate_model_file, calibration_pools
+from seg.config import load_config
+from synth.engine import SourcePool
+from core.io import InputError
+
+LAYERS = ["core", "synth", "seg", "baseline", "ensemble", "benchmarks", "cli"]
+
+
+def test_imports_only_point_down():
+    """A module may import its own layer or a lower one (core < synth < seg < baseline < ensemble < bench < cli)."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    bad = []
+    for layer in LAYERS[:-1]:
+        for path in (ROOT / layer).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                for n in names:
+                    top = n.split(".")[0]
+                    if top in rank and rank[top] > rank[layer]:
+                        bad.append(f"{path.relative_to(ROOT)} imports {n}")
+    assert not bad, bad
+
+
+def test_a_crafted_model_file_never_runs_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": {}, "model": Payload()}, evil)
+    with pytest.raises(InputError, match="evil.pt: refused to load.*posix.system|evil.pt: refused to load"):
+        load_model_file(evil)
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ensemble", "predict", "-m", str(evil),
+                        "--images", str(tmp_path), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "refused to load" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="junk.pt: not a readable model file"):
+        load_model_file(tmp_path / "junk.pt")
+    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5)}, "model": {"w": torch.ones(2)},
+                                            "rows": [{"x": np.int64(3)}]})
+    back = load_model_file(tmp_path / "plain.pt")  # numpy scalars are written as plain numbers
+    assert back["config"]["a"] == 0.5 and type(back["rows"][0]["x"]) is int
+
+
+def test_held_out_split_is_disjoint_reproducible_and_never_trained_on(ok_dir):
+    pool = SourcePool(ok_dir)
+    train, held = pool.split(0.4, seed=0)
+    assert len(held) == 2 and len(train) == 3 and not set(train.paths) & set(held.paths)
+    assert sorted(train.paths + held.paths) == sorted(pool.paths)
+    assert pool.split(0.4, seed=0)[1].paths == held.paths  # the same split on every run
+    assert SourcePool(ok_dir).split(0.0)[1] is None and SourcePool(ok_dir, paths=["ok_0.png"]).split(0.5)[1] is None
+    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "data.holdout=0.4"])
+    from seg.train import Trainer
+
+    trainer = Trainer({**cfg, "train": {**cfg["train"], "val_n": 2}}, log=lambda m: None)
+    assert set(trainer.pool.paths) == set(train.paths) and trainer.held_out.paths == held.paths
+    assert calibration_pools(cfg)[0].paths == held.paths
+
+
+def test_model_file_carries_its_thresholds_and_predict_uses_them(ok_dir, tmp_path):
+    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "baseline.n_train=16", "baseline.n_val=8",
+                             "calibrate.normal_crops=32", "calibrate.synth_n=24"])
+    fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
+    assert "calibration" not in load_model_file(tmp_path / "m.pt")
+    out = calibrate_model_file(tmp_path / "m.pt", "cpu")
+    cal = load_model_file(tmp_path / "m.pt")["calibration"]
+    assert cal["params"] == out["params"] and cal["tta"] == "none"
+    assert cal["held_out_images"] == SourcePool(ok_dir).split(0.2, 0)[1].paths
+    images = tmp_path / "TC_Images"
+    images.mkdir()
+    for i in range(3):
+        img = textured(20 + i)[:128, 40:168].copy()
+        if i:
+            cv2.circle(img, (70, 60), 8, 15, -1)
+        cv2.imwrite(str(images / f"t{i}.bmp"), img)
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ensemble", "predict", "-m", str(tmp_path / "m.pt"),
+                        "--images", str(images), "-o", str(tmp_path / "pred")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    used = json.loads((tmp_path / "pred" / "predict.json").read_text())["params"]
+    assert {k: used[k] for k in cal["params"]} == cal["params"]
+    assert used["threshold"] != cfg["predict"]["threshold"]  # not the uncalibrated default
+
+
+def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monkeypatch):
+    out, tmp = tmp_path / "pred", tmp_path / ".pred.partial"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    real = os.replace
+    calls = []
+
+    def flaky(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(a, b)
+
+    monkeypatch.setattr(predict_mod.os, "replace", flaky)
+    with pytest.raises(OSError):
+        predict_mod.publish(tmp, out)
+    assert (out / "old.txt").read_text() == "previous"
