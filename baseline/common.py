@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth.dataset import to_tensors
+from synth.dataset import crops_tensor
 from synth.engine import SourcePool
 from core.modelfile import save_model_file
 from core.io import InputError
@@ -17,14 +17,7 @@ from core.io import InputError
 
 def ok_crops(pool: SourcePool, n: int, seed: int) -> torch.Tensor:
     """n random crops of the pool's size from the OK images, (n, C, S, S) in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    s = pool.size
-    out = []
-    for _ in range(n):
-        img = pool.load(int(rng.integers(len(pool))))
-        y, x = int(rng.integers(0, img.shape[0] - s + 1)), int(rng.integers(0, img.shape[1] - s + 1))
-        out.append(to_tensors(img[y:y + s, x:x + s], np.zeros((s, s), np.uint8))[0])
-    return torch.stack(out)
+    return crops_tensor(pool.random_crops(n, seed))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import AnomalyModel, gaussian_blur
-from .features import FeatureExtractor
+from seg.models.features import FeatureExtractor
 
 
 class Padim(AnomalyModel):

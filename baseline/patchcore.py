@@ -8,35 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import AnomalyModel, gaussian_blur
-from .features import FeatureExtractor
-
-
-def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """Greedy k-center selection of `n` rows of `bank`. Returns (indices, radius): every row of the bank lies
-    within `radius` (Euclidean) of a selected row."""
-    g = torch.Generator().manual_seed(seed)
-    n = max(1, min(n, len(bank)))
-    bank = bank.double()  # squared distances by expansion: float64 keeps them exact enough to take the root
-    norms = (bank * bank).sum(1)
-    nxt = int(torch.randint(len(bank), (1,), generator=g))
-    idx = [nxt]
-    min_sq = (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0)
-    for _ in range(n - 1):
-        nxt = int(torch.argmax(min_sq))
-        idx.append(nxt)
-        torch.minimum(min_sq, (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0), out=min_sq)
-    return torch.tensor(idx), float(min_sq.max().sqrt())
-
-
-def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096):
-    """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats."""
-    ds, ix = [], []
-    for s in range(0, len(query), chunk):
-        d = torch.cdist(query[s:s + chunk], bank)
-        v, i = d.topk(k, dim=1, largest=False)
-        ds.append(v)
-        ix.append(i)
-    return torch.cat(ds), torch.cat(ix)
+from seg.models.features import FeatureExtractor, greedy_coreset, nearest
 
 
 class PatchCore(AnomalyModel):

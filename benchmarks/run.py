@@ -40,7 +40,7 @@ from core.io import atomic_write_bytes, competition_dir, read_image, read_json_f
 QUICK = {"epochs": 4, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
 FULL = {"epochs": 12, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
-METHODS = ("unet", "padim", "patchcore", "ssim_ae", "hybrid")
+METHODS = ("unet", "evidence", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
 CONFIG = str(ROOT / "configs" / "default.yaml")
 
 
@@ -144,19 +144,22 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         write_json(steps_file, steps)
 
     files = {}
-    if "unet" in methods or "hybrid" in methods:
-        files["unet"] = out / "unet_s0" / "best.pt"
-        step("train_unet", ["seg", "train", *common, "-o", str(out / "unet_s0"), "--epochs", str(b["epochs"]),
-                            "-s", f"train.steps_per_epoch={b['steps']}", "-s", "train.seed=0",
-                            "-s", f"train.val_n={b['val_n']}"], files["unet"])
+    for arch, method, folder in (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0")):
+        if method in methods or f"hybrid{'' if method == 'unet' else '_' + method}" in methods:
+            files[method] = out / folder / "best.pt"
+            step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), "--epochs", str(b["epochs"]),
+                                     "-s", f"model.arch={arch}", "-s", f"train.steps_per_epoch={b['steps']}",
+                                     "-s", "train.seed=0", "-s", f"train.val_n={b['val_n']}"], files[method])
     for method in ("padim", "patchcore", "ssim_ae"):
-        if method in methods or (method == "patchcore" and "hybrid" in methods):
+        if method in methods or (method == "patchcore" and any(m.startswith("hybrid") for m in methods)):
             files[method] = out / f"{method}.pt"
             step(f"fit_{method}", ["baseline", "fit", "--method", method, *common, "-o", str(files[method]),
                                    "-s", f"baseline.n_train={b['n_train']}", "-s", f"baseline.ae_steps={b['ae_steps']}"],
                  files[method])
-    rows = {"UNet": ("unet", ["unet"]), "PaDiM": ("padim", ["padim"]), "PatchCore": ("patchcore", ["patchcore"]),
-            "SSIM-AE": ("ssim_ae", ["ssim_ae"]), "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"])}
+    rows = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]), "PaDiM": ("padim", ["padim"]),
+            "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
+            "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
+            "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"])}
     image_paths, stems, gt = load_ground_truth(test_images)
     results, curves, grids = {}, {}, {}
     for name, (method, parts) in rows.items():
@@ -176,8 +179,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         m = compute_metrics(masks, gt, probs, scores)
         best = oracle(out / "pred" / slug, stems, gt)
         summary = read_json_file(out / "pred" / slug / "predict.json")
-        fit = [steps[k] for k in (["train_unet"] if "unet" in parts else []) + [f"fit_{x}" for x in parts if
-                                                                              x != "unet"] if k in steps]
+        keys = [f"train_{x}" if x in ("unet", "evidence") else f"fit_{x}" for x in parts]
+        fit = [steps[k] for k in keys if k in steps]
         m.update(oracle_score=best["score"], calibration_loss=best["score"] - m["score"],
                  fit_seconds=sum(x["seconds"] for x in fit) if fit else float("nan"),
                  predict_images_per_s=summary["images_per_s"],

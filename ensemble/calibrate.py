@@ -39,13 +39,7 @@ MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
 # ------------------------------------------------------------------------------------------------ data
 def normal_crops(pool: SourcePool, n: int, seed: int) -> list[np.ndarray]:
     """n random uint8 crops of the pool's size from its images (real normal crops)."""
-    rng = np.random.default_rng([CAL_STREAM, seed, 0])
-    s, out = pool.size, []
-    for _ in range(n):
-        img = pool.load(int(rng.integers(len(pool))))
-        y, x = int(rng.integers(0, img.shape[0] - s + 1)), int(rng.integers(0, img.shape[1] - s + 1))
-        out.append(np.ascontiguousarray(img[y:y + s, x:x + s]))
-    return out
+    return pool.random_crops(n, [CAL_STREAM, seed, 0])
 
 
 def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -22,6 +22,7 @@ DEFAULTS: dict = {
     "model": {
         "arch": "unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
         "decoder_channels": [128, 64, 32, 16, 8], "image_head": True, "deep_supervision": True, "cgm": True,
+        "coreset_ratio": 0.1, "normal_crops": 128,
     },
     "train": {
         "epochs": 12, "steps_per_epoch": 40, "batch_size": 16, "lr": 2e-3, "weight_decay": 1e-4,
@@ -47,7 +48,7 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    "model.arch": ("unet", "unet3plus"), "model.weights": ("lite", "imagenet", "none"),
+    "model.arch": ("unet", "unet3plus", "evidence_unet"), "model.weights": ("lite", "imagenet", "none"),
     "model.in_channels": (1, 3), "train.scheduler": ("cosine", "onecycle"),
     "train.mask_loss": ("dice_bce", "dice_focal"), "train.curriculum.schedule": ("none", "linear", "step"),
     "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),

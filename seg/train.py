@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from core.metrics import competition_score, dice_iou
 from core.modelfile import load_model_file, save_model_file
 from core.postprocess import final_mask
-from synth.dataset import SynthDataset, to_tensors
+from synth.dataset import SynthDataset, crops_tensor, to_tensors
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
 from core.io import InputError, atomic_write_bytes, write_json
 
@@ -36,6 +36,7 @@ from .data import LabelledFolder, SeededAugment, SynthFolderDataset, build_augme
 from .losses import SegmentationLoss
 from .models import model_from_config
 
+NORMAL_STREAM = 0x0C0C  # tags the OK crops a normal model is fitted on: never a training-sample stream
 METRIC_MODE = {"score": max, "dice": max, "iou": max, "loss": min}
 
 
@@ -162,7 +163,13 @@ class Trainer:
         else:
             self.dataset = SynthDataset(self.engine, self.pool, per_rank, t["seed"], aug, rank=self.rank)
         self.curriculum = CurriculumSchedule(**t["curriculum"])
-        self.model = model_from_config(cfg["model"]).to(self.device)
+        self.model = model_from_config(cfg["model"])
+        if self.model.needs_normal:  # e.g. evidence_unet: its normal model is fitted on OK crops first
+            n = cfg["model"]["normal_crops"]
+            normal = crops_tensor(self.pool.random_crops(n, [NORMAL_STREAM, t["seed"], 0]))
+            held = crops_tensor((self.held_out or self.pool).random_crops(max(16, n // 4), [NORMAL_STREAM, t["seed"], 1]))
+            self.model.fit_normal(normal, held)
+        self.model = self.model.to(self.device)
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.distributed else self.model
         self.loss_fn = SegmentationLoss(t["mask_loss"], t["image_loss_weight"], t["deep_loss_weight"])
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])

@@ -20,6 +20,11 @@ def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch
     return img, torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
 
 
+def crops_tensor(crops: list[np.ndarray]) -> torch.Tensor:
+    """uint8 crops of one size -> float (N, C, H, W) in [0, 1]."""
+    return torch.stack([to_tensors(c, np.zeros(c.shape[:2], np.uint8))[0] for c in crops])
+
+
 class SynthDataset(Dataset):
     """`length` samples per epoch; returns dict(image, mask, label, difficulty)."""
 

@@ -116,6 +116,16 @@ class SourcePool:
     def index(self, rel: str) -> int:
         return self.paths.index(rel)
 
+    def random_crops(self, n: int, seed: int) -> list[np.ndarray]:
+        """n uint8 crops of the pool's size at random images and positions, drawn from `default_rng(seed)`."""
+        rng = np.random.default_rng(seed)
+        s, out = self.size, []
+        for _ in range(n):
+            img = self.load(int(rng.integers(len(self))))
+            y, x = int(rng.integers(0, img.shape[0] - s + 1)), int(rng.integers(0, img.shape[1] - s + 1))
+            out.append(np.ascontiguousarray(img[y:y + s, x:x + s]))
+        return out
+
     def split(self, holdout: float, seed: int = 0) -> tuple["SourcePool", "SourcePool | None"]:
         """(training pool, held-out pool or None): a share `holdout` of the images (at least one, when there are
         two or more) is kept out of training and serves calibration as real normal images. The split depends only

@@ -180,3 +180,44 @@ def test_ddp_on_two_cpu_processes(ok_dir, tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "last.pt").exists() and len((out / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_evidence_unet_sees_a_planted_defect_in_its_evidence_channel(ok_dir):
+    import cv2
+    import numpy as np
+
+    from synth.dataset import crops_tensor
+    from synth.engine import SourcePool
+
+    torch.manual_seed(0)
+    pool = SourcePool(ok_dir)
+    m = create_model("evidence_unet", "tu-tf_efficientnet_lite0", "lite", 1, **SMALL)
+    assert m.needs_normal and not create_model("unet", "tu-tf_efficientnet_lite0", "none", 1, **SMALL).needs_normal
+    m.fit_normal(crops_tensor(pool.random_crops(24, 0)), crops_tensor(pool.random_crops(8, 1)))
+    crop = pool.random_crops(1, 5)[0].copy()
+    mask = np.zeros((128, 128), np.uint8)
+    cv2.circle(mask, (80, 60), 8, 1, -1)
+    crop[mask > 0] = 15  # a dark pit on the textured surface
+    with torch.no_grad():
+        ev = m.net.evidence(crops_tensor([crop]))[0, 0].numpy()
+        out = m.eval()(crops_tensor([crop]))
+    ring = cv2.dilate(mask, np.ones((41, 41))) == 0
+    assert ev[mask > 0].mean() > 2.0 > ev[ring].mean()  # above the normal 99.9th percentile inside, not outside
+    assert out["mask"].shape == (1, 1, 128, 128) and out["image"].shape == (1, 1)
+    again = create_model("evidence_unet", "tu-tf_efficientnet_lite0", "none", 1, **SMALL).eval()
+    again.load_state_dict(m.state_dict())  # the bank's fitted size comes back with the file
+    with torch.no_grad():
+        assert torch.equal(again(crops_tensor([crop]))["mask"], out["mask"])
+
+
+def test_evidence_unet_trains_in_the_same_loop_and_reloads(ok_dir, tmp_path):
+    from ensemble.models import load_model
+
+    cfg = tiny_config(ok_dir, tmp_path / "ev", epochs=1)
+    cfg["model"].update(arch="evidence_unet", normal_crops=16)
+    summary = train(cfg, log=lambda m: None)
+    assert summary["epochs"] == 1
+    model, config, _ = load_model(tmp_path / "ev" / "best.pt", torch.device("cpu"))
+    bank = load_checkpoint(tmp_path / "ev" / "best.pt")["model"]["net.evidence.bank"]
+    assert bank.shape[0] > 1 and torch.equal(model.net.evidence.bank, bank)
+    assert config["model"]["arch"] == "evidence_unet"

@@ -21,9 +21,10 @@ from torch import nn
 from core.io import InputError
 
 from .encoders import LITE_ENCODERS, load_lite_weights
+from .evidence import EvidenceUnet
 from .unet3plus.model import UNet3Plus
 
-ARCHS = ("unet", "unet3plus")
+ARCHS = ("unet", "unet3plus", "evidence_unet")
 
 
 class Segmenter(nn.Module):
@@ -34,6 +35,17 @@ class Segmenter(nn.Module):
         self.net, self.arch = net, arch
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
+
+    @property
+    def needs_normal(self) -> bool:
+        """Whether the architecture holds a normal model to fit on OK crops before training (`fit_normal`)."""
+        return hasattr(self.net, "fit_normal")
+
+    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor) -> None:
+        """Fit the architecture's normal model: `normal` OK crops for it, `held` other OK crops to standardise it
+        ((N, C, H, W) in [0, 1]). A no-op for architectures without one."""
+        if self.needs_normal:
+            self.net.fit_normal(normal, held)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.net((x - self.mean) / self.std)
@@ -48,11 +60,13 @@ class Segmenter(nn.Module):
 
 def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", weights: str = "none",
                  in_channels: int = 1, decoder_channels: Sequence[int] = (128, 64, 32, 16, 8),
-                 image_head: bool = True, deep_supervision: bool = True, cgm: bool = True) -> Segmenter:
+                 image_head: bool = True, deep_supervision: bool = True, cgm: bool = True,
+                 coreset_ratio: float = 0.1) -> Segmenter:
     """Build a segmenter.
 
-    arch: `unet` (smp Unet) or `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
-    and `cgm` apply to it alone). weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`),
+    arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
+    and `cgm` apply to it alone) or `evidence_unet` (smp Unet on the image plus a normal model's evidence, see
+    `seg.models.evidence`; call `fit_normal` on OK crops before training). weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`),
     `imagenet` (smp/timm hub weights, needs internet), or `none`.
     """
     if arch not in ARCHS:
@@ -69,6 +83,9 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
             aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
             net = smp.Unet(encoder, encoder_weights=hub, in_channels=in_channels, classes=1,
                            decoder_channels=tuple(decoder_channels), aux_params=aux)
+        elif arch == "evidence_unet":
+            m, s = _norm(encoder, weights)
+            net = EvidenceUnet(encoder, hub, in_channels, decoder_channels, image_head, weights, m, s, coreset_ratio)
         else:
             net = UNet3Plus(encoder, encoder_weights=hub, in_channels=in_channels,
                             cat_channels=max(8, decoder_channels[0] // 4), deep_supervision=deep_supervision,
@@ -77,12 +94,15 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
         raise InputError(f"model.encoder: cannot build {encoder!r} ({e})") from None
     if weights == "lite":
         load_lite_weights(net.encoder.model, LITE_ENCODERS[encoder])
-    # lite and tf_ weights expect mean = std = 0.5; other ImageNet weights their usual per-channel values (grey: mean)
-    mean, std = (0.5, 0.5) if encoder.startswith("tu-tf_") or weights == "none" else (0.449, 0.226)
-    return Segmenter(net, arch, mean, std)
+    return Segmenter(net, arch, *_norm(encoder, weights))
+
+
+def _norm(encoder: str, weights: str) -> tuple[float, float]:
+    """lite and tf_ weights expect mean = std = 0.5; other ImageNet weights their usual values (grey: the mean)."""
+    return (0.5, 0.5) if encoder.startswith("tu-tf_") or weights == "none" else (0.449, 0.226)
 
 
 def model_from_config(model_cfg: dict) -> Segmenter:
     return create_model(model_cfg["arch"], model_cfg["encoder"], model_cfg["weights"], model_cfg["in_channels"],
                         model_cfg["decoder_channels"], model_cfg["image_head"], model_cfg["deep_supervision"],
-                        model_cfg["cgm"])
+                        model_cfg["cgm"], model_cfg.get("coreset_ratio", 0.1))  # files older than the key

@@ -1,0 +1,108 @@
+"""The evidence-conditioned segmenter: a UNet that sees, beside the image, how far each patch is from normal.
+
+`NormalEvidence` is a PatchCore-style normal model fitted on OK crops before training (`fit_normal`): locally aware
+features of a frozen pretrained backbone (3x3-averaged stride-8/16 maps), a greedy coreset of the normal patches,
+and per pixel the distance to the nearest one, box-smoothed and standardised on other OK crops (0 at their 99.9th percentile).
+`EvidenceUnet` feeds that map as an extra input channel to smp's Unet, which learns on synthetic defects to turn
+the evidence into sharp masks and to ignore normal variation. The evidence does not depend on what the synthetic
+defects look like, so a real defect of a kind the synthesis never drew still lights it up.
+
+Example:
+    >>> m = create_model("evidence_unet", "tu-tf_efficientnet_lite0", weights="none", in_channels=1)
+    >>> m.fit_normal(torch.rand(8, 1, 128, 128))
+    >>> m(torch.rand(2, 1, 128, 128))["mask"].shape
+    torch.Size([2, 1, 128, 128])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import FeatureExtractor, greedy_coreset, nearest
+
+
+class NormalEvidence(nn.Module):
+    """Per-pixel distance of a crop's patches to a memory bank of normal patches, standardised."""
+
+    def __init__(self, weights: str = "lite", coreset_ratio: float = 0.1, sigma: float = 2.0, seed: int = 0):
+        super().__init__()
+        backbone_weights = "lite" if weights == "lite" else "none"  # offline; hub weights are not needed here
+        self.extractor = FeatureExtractor("tf_efficientnet_lite0", backbone_weights, (2, 3))
+        for p in self.extractor.parameters():
+            p.requires_grad_(False)
+        self.coreset_ratio, self.sigma, self.seed = coreset_ratio, sigma, seed
+        self.register_buffer("bank", torch.zeros(1, sum(self.extractor.channels)))
+        self.register_buffer("center", torch.tensor(0.0))
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.extractor.eval()  # frozen: batch-norm statistics never move
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "bank"
+        if key in state_dict and state_dict[key].shape != self.bank.shape:
+            self.bank = torch.empty_like(state_dict[key])  # the bank's size is whatever fitting chose
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [F.avg_pool2d(f, 3, 1, 1) for f in self.extractor(x)]
+        size = feats[0].shape[-2:]
+        return torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                       for f in feats[1:]], 1)
+
+    @torch.no_grad()
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, 1, H, W) nearest-normal-patch distances."""
+        emb = self.embed(x)
+        b, d, h, w = emb.shape
+        dist, _ = nearest(emb.permute(0, 2, 3, 1).reshape(-1, d), self.bank, 1)
+        maps = F.interpolate(dist.view(b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.sigma > 0:
+            k = int(4 * self.sigma + 0.5)
+            maps = F.avg_pool2d(F.pad(maps, (k, k, k, k), mode="reflect"), 2 * k + 1, 1) if k else maps
+        return maps
+
+    @torch.no_grad()
+    def fit(self, normal: torch.Tensor, held: torch.Tensor, batch_size: int = 32) -> None:
+        """Memory bank from `normal` crops (greedy coreset), standardisation on other normal crops `held`."""
+        emb = torch.cat([self.embed(normal[k:k + batch_size]) for k in range(0, len(normal), batch_size)])
+        bank = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        idx, _ = greedy_coreset(bank, int(len(bank) * self.coreset_ratio), self.seed, project=64)
+        self.bank = bank[idx].clone()
+        maps = torch.cat([self.raw(held[k:k + batch_size]) for k in range(0, len(held), batch_size)]).flatten()
+        q50, q999 = torch.quantile(maps[torch.randperm(len(maps), generator=torch.Generator().manual_seed(0))[
+            :1_000_000]], torch.tensor([0.5, 0.999]))
+        self.center.fill_(float(q999))
+        self.scale.fill_(max(float(q999 - q50), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw(x) - self.center) / self.scale
+
+
+class EvidenceUnet(nn.Module):
+    """smp Unet on [image, normal evidence]; returns (mask logits, image logits or None) like smp with aux."""
+
+    def __init__(self, encoder: str, encoder_weights, in_channels: int, decoder_channels: Sequence[int],
+                 image_head: bool, evidence_weights: str, mean: float, std: float, coreset_ratio: float = 0.1):
+        super().__init__()
+        self.evidence = NormalEvidence(evidence_weights, coreset_ratio)
+        aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
+        self.unet = smp.Unet(encoder, encoder_weights=encoder_weights, in_channels=in_channels + 1, classes=1,
+                             decoder_channels=tuple(decoder_channels), aux_params=aux)
+        self.encoder = self.unet.encoder
+        self.mean, self.std = mean, std  # the Segmenter's normalisation, undone for the evidence's own
+
+    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor) -> None:
+        self.evidence.fit(normal, held)
+
+    def forward(self, xn: torch.Tensor):
+        ev = self.evidence(xn * self.std + self.mean)
+        return self.unet(torch.cat([xn, ev.clamp(-4, 12) / 4], 1))

