@@ -268,7 +268,8 @@ def ensemble_predict(
     image_threshold: Optional[float] = typer.Option(None, help="Image-level threshold."),
     min_area: Optional[int] = typer.Option(None, help="Drop components under this many pixels."),
     opening: Optional[int] = typer.Option(None, help="Morphological opening kernel (px), 0 = off."),
-    roi: Optional[Path] = typer.Option(None, help="Region-of-interest mask applied to every image."),
+    roi: Optional[str] = typer.Option(None, help="Region of interest: a mask image applied to every image, or "
+                                      "'auto' (each image's bright part). Default: predict.roi of the config."),
     zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
     overlays: str = typer.Option("defective", help="Overlay PNGs for: all | defective (judged so) | none."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -284,7 +285,7 @@ def ensemble_predict(
         src = test_dir(images, part, data)
         n = len(find_images(src))
         with Bar("predict", n) as bar:
-            s = run_predict(ens, src, out, p, roi=roi, zip_prefix=zip_prefix, overlays=overlays, progress=bar,
+            s = run_predict(ens, src, out, p, roi=roi or p.get("roi"), zip_prefix=zip_prefix, overlays=overlays, progress=bar,
                             warn=warn)
         console.print(f"{s['images']} images, {s['defective']} judged defective; {s['images_per_s']:.1f} images/s "
                       f"({len(ens.models)} model(s) x tta {ens.tta_mode}); outputs in {out}")

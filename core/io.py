@@ -126,25 +126,34 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_plain) + "\n").encode())
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file, dropping a torn last line left by an interrupted writer (and truncating it away)."""
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """Read a JSON-lines file. Only a torn last line (no newline after it, or not parseable), which an interrupted
+    writer leaves, is dropped, and cut from the file only with `repair=True` (the resume path of `synth generate`);
+    a bad line anywhere else is an error naming the file and the line, and nothing is changed."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
+    lines = raw.split(b"\n")
     rows, good_end, pos = [], 0, 0
-    for line in raw.split(b"\n"):
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
         end = pos + len(line) + 1
         if line.strip():
-            if end > len(raw):  # no trailing newline: the writer was interrupted
-                break
+            torn = end > len(raw)  # no trailing newline: the writer was interrupted
             try:
-                rows.append(json.loads(line))
+                row = None if torn else json.loads(line)
             except json.JSONDecodeError:
+                row = None
+            if row is None:
+                if i != last:
+                    raise InputError(f"{path}: line {i + 1} is not valid JSON (the file is damaged; later lines "
+                                     "were left untouched)")
                 break
+            rows.append(row)
             good_end = end
         pos = end
-    if good_end < len(raw):
+    if repair and good_end < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return rows

@@ -22,6 +22,7 @@ from synth.preview import outline
 
 from .models import Ensemble
 from core.postprocess import final_mask, image_score
+from synth.engine import part_region
 from .submission import dump, mask_to_record, write_zip
 
 
@@ -42,10 +43,13 @@ def publish(tmp: Path, out: Path) -> None:
 def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: dict,
                 roi: str | Path | None = None, zip_prefix: str | None = None, overlays: str = "defective",
                 progress: Callable | None = None, warn: Callable | None = None) -> dict:
-    """Predict every image below `image_dir`; `params` has threshold, image_threshold, min_area, opening."""
+    """Predict every image below `image_dir`; `params` has threshold, image_threshold, min_area, opening.
+    `roi`: a mask image applied to every image (resized to it), or "auto" (each image's bright part, holes
+    filled: `synth.engine.part_region`)."""
     image_dir, out = Path(image_dir), Path(out)
     paths = find_images(image_dir, warn=warn)
-    roi_mask = read_mask(roi) if roi else None
+    auto = str(roi) == "auto"  # per image, as synthesis does: the bright part of the image (Otsu)
+    roi_mask = read_mask(roi) if roi and not auto else None
     roi_by_shape: dict[tuple[int, int], np.ndarray] = {}  # the ROI resized once per image size
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -74,7 +78,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                 f.result()  # surface any write error of the previous batch
             pending = []
             for p, img, r in zip(batch_paths, images, results):
-                rmask = None
+                rmask = part_region(img) if auto else None
                 if roi_mask is not None:
                     h, w = img.shape[:2]
                     if (h, w) not in roi_by_shape:

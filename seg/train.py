@@ -195,7 +195,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
                 "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "rows": self.rows,
-                "rng": torch.get_rng_state(), "config": self.cfg, "metric": self.cfg["train"]["metric"]}
+                "rng": torch.get_rng_state(), "config": self.cfg, "metric": self.cfg["train"]["metric"],
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def resume(self) -> None:
         ckpt = load_checkpoint(self.out / "last.pt")
@@ -204,6 +205,8 @@ class Trainer:
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") and torch.cuda.is_available():  # exact on CUDA too (dropout, augment on GPU)
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.rows, self.best, self.best_epoch, self.stale = ckpt["rows"], ckpt["best"], ckpt["best_epoch"], \
             ckpt["stale"]
         self.start_epoch = ckpt["epoch"] + 1

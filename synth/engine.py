@@ -159,6 +159,16 @@ def auto_roi(crop: np.ndarray) -> np.ndarray:
     return cv2.erode(m, np.ones((5, 5), np.uint8))
 
 
+def part_region(image: np.ndarray) -> np.ndarray:
+    """The part in a test image: `auto_roi` with its holes filled, so a dark defect on the part stays inside."""
+    roi = auto_roi(image)
+    h, w = roi.shape
+    outside = np.ones((h + 2, w + 2), np.uint8)  # a frame of background around the image
+    outside[1:-1, 1:-1] = 1 - roi
+    cv2.floodFill(outside, None, (0, 0), 2)  # the background connected to the frame; what stays 1 is a hole
+    return (outside[1:-1, 1:-1] != 2).astype(np.uint8)
+
+
 def measure_difficulty(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     """(difficulty in [0, 1], mean contrast in grey levels) of a rendered defect.
 

@@ -57,7 +57,7 @@ def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, s
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, settings)
     manifest = out / "manifest.jsonl"
-    done = {row["index"] for row in read_jsonl(manifest)}
+    done = {row["index"] for row in read_jsonl(manifest, repair=True)}
     todo = [i for i in range(n) if i not in done]
     start = time.perf_counter()
     args = (str(pool.root), pool.paths, config.to_dict(), seed, str(out))

@@ -124,3 +124,18 @@ def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monk
     with pytest.raises(OSError):
         predict_mod.publish(tmp, out)
     assert (out / "old.txt").read_text() == "previous"
+
+
+def test_read_jsonl_drops_only_a_torn_last_line_and_never_cuts_when_reading(tmp_path):
+    from core.io import read_jsonl
+
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a": 3')
+    before = p.read_bytes()
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}] and p.read_bytes() == before  # reading changes nothing
+    assert read_jsonl(p, repair=True) == [{"a": 1}, {"a": 2}] and p.read_text() == '{"a": 1}\n{"a": 2}\n'
+    p.write_text('{"a": 1}\n{oops\n{"a": 3}\n')
+    before = p.read_bytes()
+    with pytest.raises(InputError, match=r"m.jsonl: line 2 is not valid JSON"):
+        read_jsonl(p, repair=True)
+    assert p.read_bytes() == before  # one bad line never deletes the rows after it

@@ -285,3 +285,19 @@ def test_pixel_and_image_metrics_rank_a_perfect_probability_map_first():
     assert m["image_auroc"] == pytest.approx(1.0)
     img = read_image(SAMPLE / "round_test/part1/TC_Images" / "0FwKHTAgOaO3gLMsJD5URzAO77Ybr8.bmp")
     assert img.shape == (128, 128)
+
+
+def test_predict_roi_auto_keeps_masks_inside_each_images_bright_part(tmp_path):
+    images = tmp_path / "TC_Images"
+    images.mkdir()
+    img = np.full((128, 128), 200, np.uint8)
+    img[:, :40] = 20  # dark background at the left edge: outside the part
+    cv2.circle(img, (90, 64), 6, 30, -1)  # a dark pit on the part
+    cv2.imwrite(str(images / "a.bmp"), img)
+    ens = Ensemble([Pointwise(-40, 8)], 1, 128, "cpu", "none")  # fires on every dark pixel
+    run_predict(ens, images, tmp_path / "plain", PARAMS)
+    run_predict(ens, images, tmp_path / "roi", PARAMS, roi="auto")
+    plain = cv2.imread(str(tmp_path / "plain" / "masks" / "a.png"), 0) > 0
+    roi = cv2.imread(str(tmp_path / "roi" / "masks" / "a.png"), 0) > 0
+    assert plain[:, :40].all() and not roi[:, :40].any()
+    assert roi[64, 90] and roi.sum() == pytest.approx(np.pi * 36, rel=0.35)
