@@ -213,21 +213,33 @@ CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A `seg train` checkpoin
 EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `ensemble calibrate`.")
 
 
-def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto"):
-    """(Ensemble, params): settings from the first checkpoint's config <- ensemble.json <- command-line flags."""
+def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto",
+                   calibrating: bool = False):
+    """(Ensemble, params): settings from the first checkpoint's config <- its calibration (one model file) or
+    ensemble.json <- command-line flags. `calibrating`: the caller fits new thresholds, no warnings about old ones."""
     from core.modelfile import load_model_file
     from ensemble.models import Ensemble
     from core.io import read_json_file
 
     spec = read_json_file(ensemble_file) if ensemble_file else {}
+    if spec and "norms" not in spec:
+        raise InputError(f"{ensemble_file}: written by an older version (thresholds on a probability scale); "
+                         "re-run `ensemble calibrate` to make it")
     paths = list(checkpoint or spec.get("checkpoints") or [])
     if not paths:
         raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
+    if spec and checkpoint and [str(x) for x in checkpoint] != [str(x) for x in spec["checkpoints"]]:
+        raise InputError(f"{ensemble_file} was calibrated for {spec['checkpoints']}; give no --checkpoint with it, "
+                         "or calibrate the new set with `ensemble calibrate`")
     first = load_model_file(paths[0])
     p = dict(first["config"]["predict"])
     cal = first.get("calibration")
-    if cal and not spec:  # a calibrated model file: its operating point (and the TTA it was calibrated with)
+    calibrated_tta = spec.get("tta") if spec else (cal["tta"] if cal and len(paths) == 1 else None)
+    if cal and not spec and len(paths) == 1:  # a calibrated model file: its operating point and its TTA
         p.update(cal["params"], tta=cal["tta"])
+    elif not spec and len(paths) > 1 and not calibrating:
+        warn(f"{len(paths)} models without an ensemble.json: each map is standardised by its own file's "
+             "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
     p.update(spec.get("params", {}))
     for key in ("tta", "merge", "vote_k", "weights"):
         if key in spec:
@@ -235,7 +247,10 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
         if value is not None:
             p[key] = value
-    kw = {"norms": spec["norms"]} if spec.get("norms") else {}
+    if calibrated_tta is not None and p["tta"] != calibrated_tta and not calibrating:
+        warn(f"--tta {p['tta']}: the thresholds were calibrated with tta {calibrated_tta}; re-calibrate for "
+             "the best operating point")
+    kw = {"norms": spec["norms"]} if spec else {}
     ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
                                     weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
                                     tile_overlap=p["tile_overlap"], **kw)
@@ -312,7 +327,7 @@ def ensemble_calibrate(
     from core.io import read_image, write_json
 
     with user_errors():
-        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {}, device)
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {}, device, calibrating=True)
         cfg = load_model_file(ens.paths[0])["config"]
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None

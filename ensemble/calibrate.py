@@ -26,7 +26,7 @@ import torch
 from core.metrics import iou
 from core.modelfile import load_model_file, set_calibration
 from core.postprocess import evidence, postprocess
-from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
+from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 
 from .models import Ensemble
 
@@ -34,6 +34,7 @@ CAL_STREAM = 0xCA11B  # tags calibration's random streams (crops, synthetic defe
 NORMAL_QUANTILES = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
+FLAG_ALL = -1e30  # an image threshold below every evidence: any non-empty mask is flagged (finite: valid JSON)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -46,10 +47,13 @@ def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[l
     """n synthetic defective crops (image, mask) drawn on `pool` with the config's synthesis settings."""
     engine = DefectSynthesizer(SynthConfig.from_dict({**cfg["synth"], "normal_ratio": 0.0}))
     images, masks = [], []
-    for i in range(n):
+    for i in range(4 * n):  # a draw that could place no defect (e.g. outside the ROI) is skipped
         image, mask, _ = engine.draw(np.random.default_rng([CAL_STREAM, seed, 1, i]), pool)
-        images.append(image)
-        masks.append(mask)
+        if mask.any():
+            images.append(image)
+            masks.append(mask)
+        if len(images) == n:
+            break
     return images, masks
 
 
@@ -112,8 +116,9 @@ def _pool(maps: list[np.ndarray], masks: list[np.ndarray] | None, inside: bool, 
 
 
 # ------------------------------------------------------------------------------------------------ search
-def _sweep(results, rehit: Callable, thr: float, area: int, opening: int):
-    masks = [postprocess(r["map"], thr, area, opening, None, rehit(r, thr)) for r in results]
+def _sweep(results, rehit: Callable, thr: float, area: int, opening: int, rois=None):
+    rois = rois if rois is not None else [None] * len(results)
+    masks = [postprocess(r["map"], thr, area, opening, roi, rehit(r, thr)) for r, roi in zip(results, rois)]
     nonempty = np.array([m.any() for m in masks], bool)
     ev = np.array([evidence(m, r["map"], r["image"]) for r, m in zip(results, masks)], np.float64)
     return masks, nonempty, ev
@@ -124,12 +129,12 @@ def threshold_at_rate(ev: np.ndarray, nonempty: np.ndarray, rate: float) -> floa
     vals = np.sort(ev[nonempty])[::-1]
     k = int(np.floor(rate * len(ev) + 1e-9))
     if k >= len(vals):
-        return float("-inf")
-    return float(np.nextafter(vals[k], np.inf))
+        return FLAG_ALL
+    return max(float(np.nextafter(vals[k], np.inf)), FLAG_ALL)
 
 
 def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: list[np.ndarray], rehit: Callable,
-                    opening: int, target_overkill: float) -> dict:
+                    opening: int, target_overkill: float, rois: tuple[list, list] | None = None) -> dict:
     """Pixel threshold and min_area that maximise the competition score with escape and mIoU measured on the
     synthetic defects and overkill on the real normal crops, the image threshold fixed at `target_overkill`."""
     normal_pix = _pool([r["map"] for r in normal], None, True)
@@ -137,9 +142,9 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
     best = None
     for thr in candidate_thresholds(normal_pix, defect_pix):
         for area in MIN_AREAS:
-            _, ne_n, ev_n = _sweep(normal, rehit, thr, area, opening)
+            _, ne_n, ev_n = _sweep(normal, rehit, thr, area, opening, rois and rois[0])
             tau = threshold_at_rate(ev_n, ne_n, target_overkill)
-            masks, ne_s, ev_s = _sweep(synthetic, rehit, thr, area, opening)
+            masks, ne_s, ev_s = _sweep(synthetic, rehit, thr, area, opening, rois and rois[1])
             det = ne_s & (ev_s >= tau)
             overkill = float(np.mean(ne_n & (ev_n >= tau)))
             escape = 1.0 - float(det.mean())
@@ -151,7 +156,8 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
     return best
 
 
-def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int) -> dict:
+def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
+                     rois: list | None = None) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
     themselves for the oracle that measures calibration loss: then it reports, it chooses nothing)."""
     labels = np.array([g.any() for g in gt])
@@ -161,9 +167,9 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
     best = None
     for thr in cands:
         for area in MIN_AREAS:
-            masks, nonempty, ev = _sweep(results, rehit, thr, area, opening)
+            masks, nonempty, ev = _sweep(results, rehit, thr, area, opening, rois)
             ious = np.array([iou(m, g) for m, g in zip(masks, gt)])
-            for tau in np.unique(np.r_[-np.inf, ev[nonempty]]):
+            for tau in np.unique(np.r_[FLAG_ALL, ev[nonempty]]):
                 sub = nonempty & (ev >= tau)
                 escape = float(np.sum(labels & ~sub) / n_def) if n_def else 0.0
                 overkill = float(np.sum(~labels & sub) / n_norm) if n_norm else 0.0
@@ -174,6 +180,21 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
                     best = {"score": score, "threshold": float(thr), "min_area": int(area),
                             "image_threshold": float(tau), "escape": escape, "overkill": overkill, "miou": miou}
     return best
+
+
+def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
+    """The region of interest of each image, as prediction applies it (`predict.roi`): None, "auto" (each image's
+    part) or a mask file resized to each image."""
+    if roi is None:
+        return None
+    if str(roi) == "auto":
+        return [part_region(im) for im in images]
+    import cv2
+
+    from core.io import read_mask
+
+    mask = read_mask(roi)
+    return [cv2.resize(mask, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_NEAREST) for im in images]
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -189,15 +210,19 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     norms = fit_norms(ens, normal)
     ens.set_norms(norms)
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
+    params["roi"] = defaults.get("roi")
+    roi = defaults.get("roi")
     if labelled is not None:
         images, gt = labelled
-        best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, params["opening"])
+        best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, params["opening"],
+                                rois_for(images, roi))
         mode = "labelled"
     else:
         if synthetic is None or not len(synthetic[0]):
             raise ValueError("calibration needs synthetic defects (or labelled real crops); none were given")
+        rois = None if roi is None else (rois_for(normal, roi), rois_for(synthetic[0], roi))
         best = operating_point(ens.predict(list(normal)), ens.predict(list(synthetic[0])), list(synthetic[1]),
-                               ens.rehit, params["opening"], target_overkill)
+                               ens.rehit, params["opening"], target_overkill, rois)
         mode = "ok-images"
     params.update(threshold=best["threshold"], min_area=best["min_area"], image_threshold=best["image_threshold"])
     return {"params": params, "norms": norms, "mode": mode, "target_overkill": target_overkill,

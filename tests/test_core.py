@@ -139,3 +139,16 @@ def test_read_jsonl_drops_only_a_torn_last_line_and_never_cuts_when_reading(tmp_
     with pytest.raises(InputError, match=r"m.jsonl: line 2 is not valid JSON"):
         read_jsonl(p, repair=True)
     assert p.read_bytes() == before  # one bad line never deletes the rows after it
+
+
+def test_calibration_defects_always_have_masks_and_old_ensemble_files_are_refused(ok_dir, tmp_path):
+    from ensemble.calibrate import synthetic_defects
+
+    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "synth.roi=auto"])
+    images, masks = synthetic_defects(cfg, SourcePool(ok_dir), 12, 0)
+    assert len(images) == 12 and all(m.any() for m in masks)  # a draw that placed nothing is not a "defect"
+    old = tmp_path / "ensemble.json"
+    old.write_text(json.dumps({"checkpoints": ["a.pt"], "tta": "flip", "params": {"threshold": 0.5}}))
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ensemble", "predict", "-e", str(old),
+                        "--images", str(tmp_path), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "older version" in r.stderr and "Traceback" not in r.stderr

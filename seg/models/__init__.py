@@ -48,7 +48,8 @@ class Segmenter(nn.Module):
             self.net.fit_normal(normal, held)
 
     def forward(self, x: torch.Tensor) -> dict:
-        out = self.net((x - self.mean) / self.std)
+        xn = (x - self.mean) / self.std
+        out = self.net(xn, raw=x) if getattr(self.net, "wants_raw", False) else self.net(xn)
         if self.arch == "unet3plus":
             mask, image, deep = out
         elif isinstance(out, tuple):
@@ -84,8 +85,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
             net = smp.Unet(encoder, encoder_weights=hub, in_channels=in_channels, classes=1,
                            decoder_channels=tuple(decoder_channels), aux_params=aux)
         elif arch == "evidence_unet":
-            m, s = _norm(encoder, weights)
-            net = EvidenceUnet(encoder, hub, in_channels, decoder_channels, image_head, weights, m, s, coreset_ratio)
+            net = EvidenceUnet(encoder, hub, in_channels, decoder_channels, image_head, weights, coreset_ratio)
         else:
             net = UNet3Plus(encoder, encoder_weights=hub, in_channels=in_channels,
                             cat_channels=max(8, decoder_channels[0] // 4), deep_supervision=deep_supervision,

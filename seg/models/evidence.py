@@ -31,7 +31,8 @@ class NormalEvidence(nn.Module):
 
     def __init__(self, weights: str = "lite", coreset_ratio: float = 0.1, sigma: float = 2.0, seed: int = 0):
         super().__init__()
-        backbone_weights = "lite" if weights == "lite" else "none"  # offline; hub weights are not needed here
+        # the offline Lite weights for any pretrained choice (they ship with the requirements); random only for tests
+        backbone_weights = "none" if weights == "none" else "lite"
         self.extractor = FeatureExtractor("tf_efficientnet_lite0", backbone_weights, (2, 3))
         for p in self.extractor.parameters():
             p.requires_grad_(False)
@@ -48,7 +49,7 @@ class NormalEvidence(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "bank"
         if key in state_dict and state_dict[key].shape != self.bank.shape:
-            self.bank = torch.empty_like(state_dict[key])  # the bank's size is whatever fitting chose
+            self.bank = torch.empty_like(state_dict[key], device=self.bank.device)  # its size: what fitting chose
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -90,19 +91,21 @@ class NormalEvidence(nn.Module):
 class EvidenceUnet(nn.Module):
     """smp Unet on [image, normal evidence]; returns (mask logits, image logits or None) like smp with aux."""
 
+    wants_raw = True  # `Segmenter` passes the un-normalised image too: the evidence has its own preprocessing
+
     def __init__(self, encoder: str, encoder_weights, in_channels: int, decoder_channels: Sequence[int],
-                 image_head: bool, evidence_weights: str, mean: float, std: float, coreset_ratio: float = 0.1):
+                 image_head: bool, evidence_weights: str, coreset_ratio: float = 0.1):
         super().__init__()
         self.evidence = NormalEvidence(evidence_weights, coreset_ratio)
         aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
         self.unet = smp.Unet(encoder, encoder_weights=encoder_weights, in_channels=in_channels + 1, classes=1,
                              decoder_channels=tuple(decoder_channels), aux_params=aux)
         self.encoder = self.unet.encoder
-        self.mean, self.std = mean, std  # the Segmenter's normalisation, undone for the evidence's own
 
     def fit_normal(self, normal: torch.Tensor, held: torch.Tensor) -> None:
         self.evidence.fit(normal, held)
 
-    def forward(self, xn: torch.Tensor):
-        ev = self.evidence(xn * self.std + self.mean)
+    def forward(self, xn: torch.Tensor, raw: torch.Tensor):
+        """xn: the image normalised for the encoder; raw: the same image in [0, 1]."""
+        ev = self.evidence(raw)
         return self.unet(torch.cat([xn, ev.clamp(-4, 12) / 4], 1))

@@ -1,0 +1,85 @@
+"""How the false-alarm budget (`calibrate.target_overkill`) trades escape for overkill, on every part at once.
+
+    python benchmarks/target_sweep.py --bench runs/bench [--targets 0.01,0.02,0.05,0.1,0.2]
+
+For each part and model of a finished `bench` run, the calibration data (held-out normal crops and synthetic defects,
+exactly as `ensemble calibrate` draws them) and the test crops are predicted once; the operating point is then chosen
+from OK images for each target and scored on the test crops. One default for every part is chosen from the mean
+(the test crops choose one number for the whole toolkit, never a per-part setting). Writes target_sweep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from core.metrics import competition_score  # noqa: E402
+from core.modelfile import load_model_file  # noqa: E402
+from core.postprocess import final_mask  # noqa: E402
+from core.io import atomic_write_bytes, competition_dir, read_image  # noqa: E402
+from ensemble.calibrate import calibration_pools, fit_norms, normal_crops, operating_point, synthetic_defects  # noqa
+from ensemble.evaluate import load_ground_truth  # noqa: E402
+from ensemble.models import Ensemble  # noqa: E402
+
+MODELS = {"UNet": ["unet_s0/best.pt"], "Evidence UNet": ["evidence_s0/best.pt"], "PatchCore": ["patchcore.pt"],
+          "Hybrid UNet + PatchCore": ["unet_s0/best.pt", "patchcore.pt"],
+          "Hybrid Evidence UNet + PatchCore": ["evidence_s0/best.pt", "patchcore.pt"]}
+
+
+def sweep(part_dir: Path, files: list[str], targets: list[float]) -> list[float]:
+    paths = [str(part_dir / f) for f in files]
+    cfg = load_model_file(paths[0])["config"]
+    tta = load_model_file(paths[0]).get("calibration", {}).get("tta", "none") if len(paths) == 1 else "none"
+    ens = Ensemble.from_checkpoints(paths, "auto", tta_mode=tta, norms=[None] * len(paths))
+    c = cfg["calibrate"]
+    pool, _ = calibration_pools(cfg)
+    normal = normal_crops(pool, c["normal_crops"], c["seed"])
+    syn = synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
+    ens.set_norms(fit_norms(ens, normal))
+    res_n, res_s = ens.predict(normal), ens.predict(syn[0])
+    test = competition_dir(cfg["data"]["root"], cfg["part"], "TC_Images")
+    paths_t, _, gt = load_ground_truth(test)
+    res_t = ens.predict([read_image(p, ens.channels) for p in paths_t])
+    out = []
+    for t in targets:
+        best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t)
+        p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
+             "min_area": best["min_area"], "opening": 0}
+        pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"])) for r in res_t]
+        out.append(competition_score(pred, gt)["score"])
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default="runs/bench")
+    ap.add_argument("--targets", default="0.01,0.02,0.05,0.1,0.2")
+    ap.add_argument("--models", default=",".join(MODELS))
+    a = ap.parse_args(argv)
+    targets = [float(t) for t in a.targets.split(",")]
+    bench = Path(a.bench)
+    parts = sorted(p for p in bench.iterdir() if (p / "steps.json").exists())
+    lines = ["| method | part | " + " | ".join(f"{t:g}" for t in targets) + " |", "|" + "---|" * (len(targets) + 2)]
+    for name in a.models.split(","):
+        rows = []
+        for part in parts:
+            if not all((part / f).exists() for f in MODELS[name]):
+                continue
+            scores = sweep(part, MODELS[name], targets)
+            rows.append(scores)
+            lines.append(f"| {name} | {part.name} | " + " | ".join(f"{s:.3f}" for s in scores) + " |")
+            print(lines[-1], flush=True)
+        if rows:
+            lines.append(f"| {name} | **mean** | " + " | ".join(f"{s:.3f}" for s in np.mean(rows, 0)) + " |")
+            print(lines[-1], flush=True)
+    atomic_write_bytes(bench / "target_sweep.md", ("\n".join(lines) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
