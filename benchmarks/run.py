@@ -33,8 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.metrics import precision_recall  # noqa: E402
-from ensemble.calibrate import best_on_labelled  # noqa: E402
-from ensemble.evaluate import COLUMNS, compute_metrics, load_ground_truth, load_predictions  # noqa: E402
+from ensemble.evaluate import COLUMNS, compute_metrics, load_ground_truth, load_predictions, oracle  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image, read_json_file, write_json  # noqa: E402
 
 QUICK = {"epochs": 4, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
@@ -116,17 +115,6 @@ def parse_sets(sets: str | None, data: str | None, part: int, data_root: str) ->
     return out
 
 
-def oracle(pred_dir: Path, stems: list[str], gt: list[np.ndarray]) -> dict:
-    """The best score reachable on the test crops with any thresholds (mean-merged maps as stored): reporting
-    only, it chooses nothing that is used."""
-    import csv
-
-    with open(pred_dir / "scores.csv") as f:
-        heads = {r["stem"]: (float(r["image_head"]) if r["image_head"] != "" else None) for r in csv.DictReader(f)}
-    results = [{"map": np.load(pred_dir / "maps" / f"{s}.npy"), "image": heads[s]} for s in stems]
-    return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), 0)
-
-
 def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool, log) -> dict:
     """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}."""
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +165,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         masks, probs, score_map = load_predictions(out / "pred" / slug, stems, [g.shape for g in gt])
         scores = [score_map[s] for s in stems]
         m = compute_metrics(masks, gt, probs, scores)
-        best = oracle(out / "pred" / slug, stems, gt)
+        best = oracle(out / "pred" / slug, test_images, stems, gt)
         summary = read_json_file(out / "pred" / slug / "predict.json")
         keys = [f"train_{x}" if x in ("unet", "evidence") else f"fit_{x}" for x in parts]
         fit = [steps[k] for k in keys if k in steps]

@@ -114,7 +114,28 @@ def compute_metrics(pred: list[np.ndarray], gt: list[np.ndarray], probs=None, sc
 
 COLUMNS = [("score", "score"), ("escape", "escape"), ("overkill", "overkill"), ("miou", "mIoU"),
            ("pixel_ap", "pixel AP"), ("pixel_auroc", "pixel AUROC"), ("image_auroc", "image AUROC"),
-           ("dice", "Dice"), ("iou", "IoU"), ("image_acc", "image acc")]
+           ("dice", "Dice"), ("iou", "IoU"), ("image_acc", "image acc"), ("oracle_score", "oracle score"),
+           ("calibration_loss", "calib. loss")]
+
+
+def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: list[np.ndarray]) -> dict | None:
+    """The best score any thresholds reach on these labelled images, from a predict folder's stored maps and
+    image scores (reporting only: it chooses nothing). None when the folder cannot say (no maps, or a vote merge,
+    whose hits are not a threshold of the stored mean map)."""
+    from .calibrate import best_on_labelled, rois_for
+
+    pred_dir = Path(pred_dir)
+    summary = read_json_file(pred_dir / "predict.json") if (pred_dir / "predict.json").exists() else {}
+    if not (pred_dir / "maps").is_dir() or summary.get("merge", "mean") != "mean":
+        return None
+    with open(pred_dir / "scores.csv") as f:
+        heads = {r["stem"]: (float(r["image_head"]) if r.get("image_head") else None) for r in csv.DictReader(f)}
+    results = [{"map": load_map(pred_dir / "maps" / f"{s}.npy"), "image": heads.get(s)} for s in stems]
+    params = summary.get("params", {})
+    roi = params.get("roi")
+    rois = rois_for([read_image(p) for p in find_images(image_dir)], roi) if roi else None
+    return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
+                            rois)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -166,6 +187,10 @@ def evaluate(pred_dir: str | Path, gt_images: str | Path, out: str | Path | None
             raise InputError(f"{Path(pred_dir) / 'scores.csv'}: no score for {missing[0]}")
         scores = [score_map[s] for s in stems]
     metrics = compute_metrics(pred, gt, probs, scores)
+    best = oracle(pred_dir, gt_images, stems, gt) if any(g.any() for g in gt) else None
+    if best is not None:
+        metrics.update(oracle_score=best["score"], calibration_loss=best["score"] - metrics["score"],
+                       oracle_params={k: best[k] for k in ("threshold", "image_threshold", "min_area")})
     out = Path(out or pred_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", metrics)

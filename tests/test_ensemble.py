@@ -260,6 +260,8 @@ def test_auroc_from_stored_maps_equals_auroc_in_memory(tmp_path):
     flat_g = np.concatenate([g.ravel() > 0 for g in gt])
     assert m["pixel_auroc"] == roc_auc(np.concatenate([x.ravel() for x in in_memory]), flat_g)
     assert m["pixel_ap"] == average_precision(np.concatenate([x.ravel() for x in in_memory]), flat_g)
+    # the oracle (best thresholds on these crops) is never below the calibrated score, and reaches 1 here
+    assert m["oracle_score"] == pytest.approx(1.0) and m["calibration_loss"] >= 0
 
 
 def test_evaluate_writes_json_markdown_and_html(tmp_path):
