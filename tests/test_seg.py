@@ -102,6 +102,18 @@ def test_training_writes_checkpoints_metrics_and_plot(ok_dir, tmp_path):
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["config"]["synth"]["size"] == 64 and ckpt["epoch"] == summary["best_epoch"]
     assert any("difficulty ceiling 0.40" in m for m in logs) and any("difficulty ceiling 0.47" in m for m in logs)
+    # the real checkpoint through the inference path: same logits as the trained module, for crops and tiles
+    import numpy as np
+
+    from ensemble.models import Ensemble, load_model
+
+    ens = Ensemble.from_checkpoints([out / "best.pt"], "cpu", tta_mode="none")
+    img = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    module, _, _ = load_model(out / "best.pt", torch.device("cpu"))
+    with torch.no_grad():
+        direct = module(torch.from_numpy(img)[None, None].float() / 255)["mask"][0, 0].numpy()
+    r = ens.predict([img, np.tile(img, (2, 3))])
+    assert ens.tile == 64 and np.allclose(r[0]["map"], direct, atol=1e-5) and r[1]["map"].shape == (128, 192)
 
 
 def test_training_from_a_generated_folder_respects_the_curriculum(ok_dir, tmp_path):
