@@ -1,4 +1,5 @@
-"""How the false-alarm budget (`calibrate.target_overkill`) trades escape for overkill, on every part at once.
+"""How the false-alarm budget (`calibrate.target_overkill`) and the size balance of the synthetic escape
+(`calibrate.balance_sizes`) move the calibrated score, on every part at once.
 
     python benchmarks/target_sweep.py --bench runs/bench [--targets 0.01,0.02,0.05,0.1,0.2]
 
@@ -32,7 +33,7 @@ MODELS = {"UNet": ["unet_s0/best.pt"], "Evidence UNet": ["evidence_s0/best.pt"],
           "Hybrid Evidence UNet + PatchCore": ["evidence_s0/best.pt", "patchcore.pt"]}
 
 
-def sweep(part_dir: Path, files: list[str], targets: list[float]) -> list[float]:
+def sweep(part_dir: Path, files: list[str], targets: list[float]) -> dict[bool, list[float]]:
     paths = [str(part_dir / f) for f in files]
     cfg = load_model_file(paths[0])["config"]
     tta = load_model_file(paths[0]).get("calibration", {}).get("tta", "none") if len(paths) == 1 else "none"
@@ -46,13 +47,14 @@ def sweep(part_dir: Path, files: list[str], targets: list[float]) -> list[float]
     test = competition_dir(cfg["data"]["root"], cfg["part"], "TC_Images")
     paths_t, _, gt = load_ground_truth(test)
     res_t = ens.predict([read_image(p, ens.channels) for p in paths_t])
-    out = []
-    for t in targets:
-        best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t)
-        p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
-             "min_area": best["min_area"], "opening": 0}
-        pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"])) for r in res_t]
-        out.append(competition_score(pred, gt)["score"])
+    out = {False: [], True: []}
+    for balance in out:
+        for t in targets:
+            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance)
+            p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
+                 "min_area": best["min_area"], "opening": 0}
+            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"])) for r in res_t]
+            out[balance].append(competition_score(pred, gt)["score"])
     return out
 
 
@@ -65,19 +67,19 @@ def main(argv=None) -> None:
     targets = [float(t) for t in a.targets.split(",")]
     bench = Path(a.bench)
     parts = sorted(p for p in bench.iterdir() if (p / "steps.json").exists())
-    lines = ["| method | part | " + " | ".join(f"{t:g}" for t in targets) + " |", "|" + "---|" * (len(targets) + 2)]
+    lines = ["| method | escape over sizes | part | " + " | ".join(f"{t:g}" for t in targets) + " |",
+             "|" + "---|" * (len(targets) + 3)]
     for name in a.models.split(","):
-        rows = []
-        for part in parts:
-            if not all((part / f).exists() for f in MODELS[name]):
-                continue
-            scores = sweep(part, MODELS[name], targets)
-            rows.append(scores)
-            lines.append(f"| {name} | {part.name} | " + " | ".join(f"{s:.3f}" for s in scores) + " |")
-            print(lines[-1], flush=True)
-        if rows:
-            lines.append(f"| {name} | **mean** | " + " | ".join(f"{s:.3f}" for s in np.mean(rows, 0)) + " |")
-            print(lines[-1], flush=True)
+        per_part = {part.name: sweep(part, MODELS[name], targets) for part in parts
+                    if all((part / f).exists() for f in MODELS[name])}
+        for balance in (False, True):
+            label = "balanced" if balance else "pooled"
+            for part, scores in per_part.items():
+                lines.append(f"| {name} | {label} | {part} | " + " | ".join(f"{s:.3f}" for s in scores[balance]) + " |")
+            if per_part:
+                mean = np.mean([scores[balance] for scores in per_part.values()], 0)
+                lines.append(f"| {name} | {label} | **mean** | " + " | ".join(f"{s:.3f}" for s in mean) + " |")
+        print("\n".join(lines[-2 * (len(per_part) + 1):]), flush=True)
     atomic_write_bytes(bench / "target_sweep.md", ("\n".join(lines) + "\n").encode())
 
 

@@ -34,6 +34,7 @@ CAL_STREAM = 0xCA11B  # tags calibration's random streams (crops, synthetic defe
 NORMAL_QUANTILES = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
+SIZE_EDGES = (0.005, 0.02)  # defect area / crop area: small, medium, large (see `size_bins`)
 FLAG_ALL = -1e30  # an image threshold below every evidence: any non-empty mask is flagged (finite: valid JSON)
 
 
@@ -133,12 +134,24 @@ def threshold_at_rate(ev: np.ndarray, nonempty: np.ndarray, rate: float) -> floa
     return max(float(np.nextafter(vals[k], np.inf)), FLAG_ALL)
 
 
+def size_bins(masks: list[np.ndarray]) -> np.ndarray:
+    """Size class of each defect mask, relative to its crop: 0 under 0.5 % of the area, 1 under 2 %, 2 above."""
+    frac = np.array([m.mean() for m in masks])
+    return np.digitize(frac, SIZE_EDGES)
+
+
 def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: list[np.ndarray], rehit: Callable,
-                    opening: int, target_overkill: float, rois: tuple[list, list] | None = None) -> dict:
+                    opening: int, target_overkill: float, rois: tuple[list, list] | None = None,
+                    balance_sizes: bool = False) -> dict:
     """Pixel threshold and min_area that maximise the competition score with escape and mIoU measured on the
-    synthetic defects and overkill on the real normal crops, the image threshold fixed at `target_overkill`."""
+    synthetic defects and overkill on the real normal crops, the image threshold fixed at `target_overkill`.
+    `balance_sizes`: escape is the mean of the escapes of small, medium and large synthetic defects, so the choice
+    does not lean on the synthesis' size mix (which need not be the real one: e.g. a min_area that only large
+    synthetic defects survive)."""
     normal_pix = _pool([r["map"] for r in normal], None, True)
     defect_pix = _pool([r["map"] for r in synthetic], synthetic_gt, True)
+    bins = size_bins(synthetic_gt)
+    present = [b for b in range(len(SIZE_EDGES) + 1) if (bins == b).any()]
     best = None
     for thr in candidate_thresholds(normal_pix, defect_pix):
         for area in MIN_AREAS:
@@ -147,7 +160,10 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
             masks, ne_s, ev_s = _sweep(synthetic, rehit, thr, area, opening, rois and rois[1])
             det = ne_s & (ev_s >= tau)
             overkill = float(np.mean(ne_n & (ev_n >= tau)))
-            escape = 1.0 - float(det.mean())
+            if balance_sizes:
+                escape = 1.0 - float(np.mean([det[bins == b].mean() for b in present]))
+            else:
+                escape = 1.0 - float(det.mean())
             miou = float(np.mean([iou(m, g) for m, g, d in zip(masks, synthetic_gt, det) if d])) if det.any() else 0.0
             score = 0.5 * (1 - escape) + 0.3 * (1 - overkill) + 0.2 * miou
             if best is None or score > best["score"] + 1e-12:
@@ -199,7 +215,7 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
 
 # ------------------------------------------------------------------------------------------------ driver
 def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list, list] | None, defaults: dict,
-              target_overkill: float, labelled: tuple[list, list] | None = None) -> dict:
+              target_overkill: float, labelled: tuple[list, list] | None = None, balance_sizes: bool = False) -> dict:
     """Fit the ensemble's normalisers on `normal` crops, then choose its operating point: from `labelled` real crops
     when given, else from the normal crops (image threshold) and the `synthetic` (images, masks) defects.
     Returns {"params", "norms", "mode", "report"}; the ensemble keeps the fitted normalisers."""
@@ -222,7 +238,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
             raise ValueError("calibration needs synthetic defects (or labelled real crops); none were given")
         rois = None if roi is None else (rois_for(normal, roi), rois_for(synthetic[0], roi))
         best = operating_point(ens.predict(list(normal)), ens.predict(list(synthetic[0])), list(synthetic[1]),
-                               ens.rehit, params["opening"], target_overkill, rois)
+                               ens.rehit, params["opening"], target_overkill, rois, balance_sizes)
         mode = "ok-images"
     params.update(threshold=best["threshold"], min_area=best["min_area"], image_threshold=best["image_threshold"])
     return {"params": params, "norms": norms, "mode": mode, "target_overkill": target_overkill,
@@ -237,7 +253,7 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     normal = normal_crops(pool, c["normal_crops"], c["seed"])
     synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
     rate = c["target_overkill"] if target_overkill is None else target_overkill
-    out = calibrate(ens, normal, synthetic, defaults, rate, labelled)
+    out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False))
     out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
     return out
 
