@@ -63,10 +63,13 @@ def main(argv=None) -> None:
     ap.add_argument("--bench", default="runs/bench")
     ap.add_argument("--targets", default="0.01,0.02,0.05,0.1,0.2")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--parts", default=None, help="comma-separated part folders of --bench (default: all)")
     a = ap.parse_args(argv)
     targets = [float(t) for t in a.targets.split(",")]
     bench = Path(a.bench)
     parts = sorted(p for p in bench.iterdir() if (p / "steps.json").exists())
+    if a.parts:
+        parts = [p for p in parts if p.name in a.parts.split(",")]
     lines = ["| method | escape over sizes | part | " + " | ".join(f"{t:g}" for t in targets) + " |",
              "|" + "---|" * (len(targets) + 3)]
     for name in a.models.split(","):

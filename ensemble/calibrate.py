@@ -20,12 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 
-from core.metrics import iou
 from core.modelfile import load_model_file, set_calibration
-from core.postprocess import evidence, postprocess
+from core.postprocess import postprocess
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 
 from .models import Ensemble
@@ -117,12 +117,47 @@ def _pool(maps: list[np.ndarray], masks: list[np.ndarray] | None, inside: bool, 
 
 
 # ------------------------------------------------------------------------------------------------ search
-def _sweep(results, rehit: Callable, thr: float, area: int, opening: int, rois=None):
+class _Components:
+    """One image's post-processed mask at a pixel threshold, before `min_area`: its connected components with
+    their sizes, the peak of the map in each and (with ground truth) their overlap with it, so every `min_area`
+    of the search is a cheap selection instead of another pass of `postprocess`."""
+
+    def __init__(self, r: dict, hits: np.ndarray, opening: int, roi, gt: np.ndarray | None):
+        mask = postprocess(r["map"], 0.0, 0, opening, roi, hits)
+        self.head = r["image"]
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        self.sizes = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+        flat = labels.ravel()
+        peak = np.full(n, -np.inf)
+        np.maximum.at(peak, flat, r["map"].ravel().astype(np.float64))
+        self.peaks = peak[1:]
+        if gt is not None:
+            self.inter = np.bincount(flat, weights=(gt.ravel() > 0), minlength=n)[1:]
+            self.gt_area = float((gt > 0).sum())
+
+    def select(self, area: int):
+        """(non-empty, evidence, IoU or None) with components under `area` pixels dropped (as `remove_small`)."""
+        keep = self.sizes >= area if area > 1 else np.ones(len(self.sizes), bool)
+        nonempty = bool(keep.any())
+        ev = float(self.head) if self.head is not None else (float(self.peaks[keep].max()) if nonempty else -np.inf)
+        if not hasattr(self, "inter"):
+            return nonempty, ev, None
+        inter, size = float(self.inter[keep].sum()), float(self.sizes[keep].sum())
+        union = size + self.gt_area - inter
+        return nonempty, ev, (inter / union if union else 1.0)
+
+
+def _sweep_areas(results, rehit: Callable, thr: float, opening: int, rois=None, gt=None):
+    """For every `min_area` of the grid: (non-empty flags, evidences, IoUs or None) at pixel threshold `thr`."""
     rois = rois if rois is not None else [None] * len(results)
-    masks = [postprocess(r["map"], thr, area, opening, roi, rehit(r, thr)) for r, roi in zip(results, rois)]
-    nonempty = np.array([m.any() for m in masks], bool)
-    ev = np.array([evidence(m, r["map"], r["image"]) for r, m in zip(results, masks)], np.float64)
-    return masks, nonempty, ev
+    gts = gt if gt is not None else [None] * len(results)
+    comps = [_Components(r, rehit(r, thr), opening, roi, g) for r, roi, g in zip(results, rois, gts)]
+    out = {}
+    for area in MIN_AREAS:
+        sel = [c.select(area) for c in comps]
+        out[area] = (np.array([x[0] for x in sel], bool), np.array([x[1] for x in sel], np.float64),
+                     None if gt is None else np.array([x[2] for x in sel], np.float64))
+    return out
 
 
 def threshold_at_rate(ev: np.ndarray, nonempty: np.ndarray, rate: float) -> float:
@@ -154,17 +189,19 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
     present = [b for b in range(len(SIZE_EDGES) + 1) if (bins == b).any()]
     best = None
     for thr in candidate_thresholds(normal_pix, defect_pix):
+        on_normal = _sweep_areas(normal, rehit, thr, opening, rois and rois[0])
+        on_synthetic = _sweep_areas(synthetic, rehit, thr, opening, rois and rois[1], synthetic_gt)
         for area in MIN_AREAS:
-            _, ne_n, ev_n = _sweep(normal, rehit, thr, area, opening, rois and rois[0])
+            ne_n, ev_n, _ = on_normal[area]
             tau = threshold_at_rate(ev_n, ne_n, target_overkill)
-            masks, ne_s, ev_s = _sweep(synthetic, rehit, thr, area, opening, rois and rois[1])
+            ne_s, ev_s, ious_s = on_synthetic[area]
             det = ne_s & (ev_s >= tau)
             overkill = float(np.mean(ne_n & (ev_n >= tau)))
             if balance_sizes:
                 escape = 1.0 - float(np.mean([det[bins == b].mean() for b in present]))
             else:
                 escape = 1.0 - float(det.mean())
-            miou = float(np.mean([iou(m, g) for m, g, d in zip(masks, synthetic_gt, det) if d])) if det.any() else 0.0
+            miou = float(ious_s[det].mean()) if det.any() else 0.0
             score = 0.5 * (1 - escape) + 0.3 * (1 - overkill) + 0.2 * miou
             if best is None or score > best["score"] + 1e-12:
                 best = {"score": score, "threshold": float(thr), "min_area": int(area), "image_threshold": tau,
@@ -173,18 +210,19 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
 
 
 def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
-                     rois: list | None = None) -> dict:
+                     rois: list | None = None, extra_thresholds: Sequence[float] = ()) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
     themselves for the oracle that measures calibration loss: then it reports, it chooses nothing)."""
     labels = np.array([g.any() for g in gt])
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
     maps = [r["map"] for r in results]
-    cands = candidate_thresholds(_pool(maps, gt, False), _pool(maps, gt, True))
+    cands = np.unique(np.r_[candidate_thresholds(_pool(maps, gt, False), _pool(maps, gt, True)),
+                            np.asarray(extra_thresholds, np.float64)])
     best = None
     for thr in cands:
+        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt)
         for area in MIN_AREAS:
-            masks, nonempty, ev = _sweep(results, rehit, thr, area, opening, rois)
-            ious = np.array([iou(m, g) for m, g in zip(masks, gt)])
+            nonempty, ev, ious = sweeps[area]
             for tau in np.unique(np.r_[FLAG_ALL, ev[nonempty]]):
                 sub = nonempty & (ev >= tau)
                 escape = float(np.sum(labels & ~sub) / n_def) if n_def else 0.0
@@ -205,8 +243,6 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
         return None
     if str(roi) == "auto":
         return [part_region(im) for im in images]
-    import cv2
-
     from core.io import read_mask
 
     mask = read_mask(roi)

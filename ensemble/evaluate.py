@@ -135,7 +135,7 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     roi = params.get("roi")
     rois = rois_for([read_image(p) for p in find_images(image_dir)], roi) if roi else None
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
-                            rois)
+                            rois, [params["threshold"]] if "threshold" in params else [])
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
