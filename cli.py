@@ -300,8 +300,8 @@ def ensemble_predict(
         src = test_dir(images, part, data)
         n = len(find_images(src))
         with Bar("predict", n) as bar:
-            s = run_predict(ens, src, out, p, roi=roi or p.get("roi"), zip_prefix=zip_prefix, overlays=overlays, progress=bar,
-                            warn=warn)
+            s = run_predict(ens, src, out, p, roi=roi or p.get("roi"), zip_prefix=zip_prefix, overlays=overlays,
+                            progress=bar, warn=warn)
         console.print(f"{s['images']} images, {s['defective']} judged defective; {s['images_per_s']:.1f} images/s "
                       f"({len(ens.models)} model(s) x tta {ens.tta_mode}); outputs in {out}")
 

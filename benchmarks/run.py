@@ -142,7 +142,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         if method in methods or (method == "patchcore" and any(m.startswith("hybrid") for m in methods)):
             files[method] = out / f"{method}.pt"
             step(f"fit_{method}", ["baseline", "fit", "--method", method, *common, "-o", str(files[method]),
-                                   "-s", f"baseline.n_train={b['n_train']}", "-s", f"baseline.ae_steps={b['ae_steps']}"],
+                                   "-s", f"baseline.n_train={b['n_train']}",
+                                   "-s", f"baseline.ae_steps={b['ae_steps']}"],
                  files[method])
     rows = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]), "PaDiM": ("padim", ["padim"]),
             "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),

@@ -20,7 +20,7 @@ DEFAULTS: dict = {
     "data": {"root": "data/sample", "ok_dir": None, "test_dir": None, "holdout": 0.2, "holdout_seed": 0},
     "synth": SynthConfig().to_dict(),
     "model": {
-        "arch": "unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
+        "arch": "evidence_unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
         "decoder_channels": [128, 64, 32, 16, 8], "image_head": True, "deep_supervision": True, "cgm": True,
         "coreset_ratio": 0.1, "normal_crops": 128,
     },

@@ -167,7 +167,8 @@ class Trainer:
         if self.model.needs_normal:  # e.g. evidence_unet: its normal model is fitted on OK crops first
             n = cfg["model"]["normal_crops"]
             normal = crops_tensor(self.pool.random_crops(n, [NORMAL_STREAM, t["seed"], 0]))
-            held = crops_tensor((self.held_out or self.pool).random_crops(max(16, n // 4), [NORMAL_STREAM, t["seed"], 1]))
+            other = self.held_out or self.pool
+            held = crops_tensor(other.random_crops(max(16, n // 4), [NORMAL_STREAM, t["seed"], 1]))
             self.model.fit_normal(normal, held)
         self.model = self.model.to(self.device)
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.distributed else self.model

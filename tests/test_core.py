@@ -73,7 +73,7 @@ def test_held_out_split_is_disjoint_reproducible_and_never_trained_on(ok_dir):
     assert sorted(train.paths + held.paths) == sorted(pool.paths)
     assert pool.split(0.4, seed=0)[1].paths == held.paths  # the same split on every run
     assert SourcePool(ok_dir).split(0.0)[1] is None and SourcePool(ok_dir, paths=["ok_0.png"]).split(0.5)[1] is None
-    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "data.holdout=0.4"])
+    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "data.holdout=0.4", "model.arch=unet"])
     from seg.train import Trainer
 
     trainer = Trainer({**cfg, "train": {**cfg["train"], "val_n": 2}}, log=lambda m: None)

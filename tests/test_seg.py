@@ -21,7 +21,7 @@ from core.io import InputError
 SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus"])
+@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet"])
 @pytest.mark.parametrize("encoder,channels,size", [("tu-tf_efficientnet_lite0", 1, 64), ("resnet18", 3, 96)])
 def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size):
     torch.manual_seed(0)
@@ -83,7 +83,8 @@ def test_curriculum_ceiling_follows_its_schedule():
 
 def tiny_config(ok_dir, out, **train):
     cfg = load_config(None, [
-        f"data.ok_dir={ok_dir}", "synth.size=64", "model.weights=none", "model.decoder_channels=[16,16,8,8,8]",
+        f"data.ok_dir={ok_dir}", "synth.size=64", "model.arch=unet", "model.weights=none",
+        "model.decoder_channels=[16,16,8,8,8]",
         "train.steps_per_epoch=2", "train.batch_size=4", "train.val_n=8", "train.epochs=2", f"train.out={out}",
         "train.augment.noise=0.5", "predict.min_area=2"])
     cfg["train"].update(train)
@@ -186,7 +187,8 @@ def test_ddp_on_two_cpu_processes(ok_dir, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "cli.py"), "seg", "train",
-         "-s", f"data.ok_dir={ok_dir}", "-s", "synth.size=64", "-s", "model.weights=none",
+         "-s", f"data.ok_dir={ok_dir}", "-s", "synth.size=64", "-s", "model.arch=unet",
+         "-s", "model.weights=none",
          "-s", "model.decoder_channels=[16,16,8,8,8]", "-s", "train.steps_per_epoch=2", "-s", "train.batch_size=2",
          "-s", "train.val_n=4", "-s", "train.epochs=1", "-o", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -67,8 +67,8 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
     and `cgm` apply to it alone) or `evidence_unet` (smp Unet on the image plus a normal model's evidence, see
-    `seg.models.evidence`; call `fit_normal` on OK crops before training). weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`),
-    `imagenet` (smp/timm hub weights, needs internet), or `none`.
+    `seg.models.evidence`; call `fit_normal` on OK crops before training). weights: `lite` (offline ImageNet
+    weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub weights, needs internet), or `none`.
     """
     if arch not in ARCHS:
         raise InputError(f"model.arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")

@@ -2,7 +2,8 @@
 
 `NormalEvidence` is a PatchCore-style normal model fitted on OK crops before training (`fit_normal`): locally aware
 features of a frozen pretrained backbone (3x3-averaged stride-8/16 maps), a greedy coreset of the normal patches,
-and per pixel the distance to the nearest one, box-smoothed and standardised on other OK crops (0 at their 99.9th percentile).
+and per pixel the distance to the nearest one, box-smoothed and standardised on other OK crops (0 at their 99.9th
+percentile).
 `EvidenceUnet` feeds that map as an extra input channel to smp's Unet, which learns on synthetic defects to turn
 the evidence into sharp masks and to ignore normal variation. The evidence does not depend on what the synthetic
 defects look like, so a real defect of a kind the synthesis never drew still lights it up.
