@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import AnomalyModel, gaussian_blur
-from seg.models.features import FeatureExtractor, greedy_coreset, nearest
+from seg.models.features import FeatureExtractor, greedy_coreset, local_patch_features, nearest
 
 
 class PatchCore(AnomalyModel):
@@ -29,10 +29,7 @@ class PatchCore(AnomalyModel):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) locally aware patch features at the stride of the first layer."""
-        feats = [F.avg_pool2d(f, 3, 1, 1) for f in self.extractor(x)]
-        size = feats[0].shape[-2:]
-        return torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                                       for f in feats[1:]], 1)
+        return local_patch_features(self.extractor(x))
 
     @torch.no_grad()
     def fit(self, crops: torch.Tensor, batch_size: int = 32) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import FeatureExtractor, greedy_coreset, nearest
+from .features import FeatureExtractor, greedy_coreset, local_patch_features, nearest
 
 
 class NormalEvidence(nn.Module):
@@ -55,10 +55,7 @@ class NormalEvidence(nn.Module):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [F.avg_pool2d(f, 3, 1, 1) for f in self.extractor(x)]
-        size = feats[0].shape[-2:]
-        return torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                                       for f in feats[1:]], 1)
+        return local_patch_features(self.extractor(x))
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor) -> torch.Tensor:

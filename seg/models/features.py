@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.io import InputError
@@ -47,6 +48,15 @@ class FeatureExtractor(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.model((x - self.mean) / self.std)
+
+
+def local_patch_features(feats: list[torch.Tensor]) -> torch.Tensor:
+    """PatchCore's locally aware patch features: each map 3x3-averaged, all resized to the first one's grid and
+    stacked, (B, D, h, w)."""
+    feats = [F.avg_pool2d(f, 3, 1, 1) for f in feats]
+    size = feats[0].shape[-2:]
+    return torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                   for f in feats[1:]], 1)
 
 
 def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, project: int | None = None) -> tuple[torch.Tensor, float]:
