@@ -166,7 +166,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         masks, probs, score_map = load_predictions(out / "pred" / slug, stems, [g.shape for g in gt])
         scores = [score_map[s] for s in stems]
         m = compute_metrics(masks, gt, probs, scores)
-        best = oracle(out / "pred" / slug, test_images, stems, gt)
+        best = oracle(out / "pred" / slug, test_images, stems, gt, probs)
         summary = read_json_file(out / "pred" / slug / "predict.json")
         keys = [f"train_{x}" if x in ("unet", "evidence") else f"fit_{x}" for x in parts]
         fit = [steps[k] for k in keys if k in steps]

@@ -26,6 +26,7 @@ import torch
 
 from core.modelfile import load_model_file, set_calibration
 from core.postprocess import postprocess
+from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 
 from .models import Ensemble
@@ -85,18 +86,9 @@ def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
             pix[i].append(m.flatten().cpu())
             if h is not None:
                 heads[i].append(h.cpu())
-    norms = []
-    for i in range(len(ens.models)):
-        flat = torch.cat(pix[i])
-        flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:2_000_000]].double()
-        q50, q999 = (float(v) for v in torch.quantile(flat, torch.tensor([0.5, 0.999], dtype=flat.dtype)))
-        norm = {"pixel": [q999, max(q999 - q50, 1e-6)], "image": None}
-        if heads[i]:
-            h = torch.cat(heads[i]).double()
-            h50, h99 = (float(v) for v in torch.quantile(h, torch.tensor([0.5, 0.99], dtype=h.dtype)))
-            norm["image"] = [h99, max(h99 - h50, 1e-6)]
-        norms.append(norm)
-    return norms
+    return [{"pixel": list(tail_standardiser(torch.cat(pix[i]).double(), 0.999, cap=2_000_000)),
+             "image": list(tail_standardiser(torch.cat(heads[i]).double(), 0.99)) if heads[i] else None}
+            for i in range(len(ens.models))]
 
 
 def candidate_thresholds(normal_pixels: np.ndarray, defect_pixels: np.ndarray) -> np.ndarray:
@@ -131,6 +123,7 @@ class _Components:
         peak = np.full(n, -np.inf)
         np.maximum.at(peak, flat, r["map"].ravel().astype(np.float64))
         self.peaks = peak[1:]
+        self.inter = None
         if gt is not None:
             self.inter = np.bincount(flat, weights=(gt.ravel() > 0), minlength=n)[1:]
             self.gt_area = float((gt > 0).sum())
@@ -140,7 +133,7 @@ class _Components:
         keep = self.sizes >= area if area > 1 else np.ones(len(self.sizes), bool)
         nonempty = bool(keep.any())
         ev = float(self.head) if self.head is not None else (float(self.peaks[keep].max()) if nonempty else -np.inf)
-        if not hasattr(self, "inter"):
+        if self.inter is None:
             return nonempty, ev, None
         inter, size = float(self.inter[keep].sum()), float(self.sizes[keep].sum())
         union = size + self.gt_area - inter
@@ -262,8 +255,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     norms = fit_norms(ens, normal)
     ens.set_norms(norms)
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
-    params["roi"] = defaults.get("roi")
-    roi = defaults.get("roi")
+    params["roi"] = roi = defaults.get("roi")
     if labelled is not None:
         images, gt = labelled
         best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, params["opening"],

@@ -118,10 +118,11 @@ COLUMNS = [("score", "score"), ("escape", "escape"), ("overkill", "overkill"), (
            ("calibration_loss", "calib. loss")]
 
 
-def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: list[np.ndarray]) -> dict | None:
-    """The best score any thresholds reach on these labelled images, from a predict folder's stored maps and
-    image scores (reporting only: it chooses nothing). None when the folder cannot say (no maps, or a vote merge,
-    whose hits are not a threshold of the stored mean map)."""
+def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: list[np.ndarray],
+           maps: list[np.ndarray] | None = None) -> dict | None:
+    """The best score any thresholds reach on these labelled images, from a predict folder's stored maps (or
+    `maps`, the same already loaded by `load_predictions`) and image scores (reporting only: it chooses nothing).
+    None when the folder cannot say (no maps, or a vote merge, whose hits are not a threshold of the mean map)."""
     from .calibrate import best_on_labelled, rois_for
 
     pred_dir = Path(pred_dir)
@@ -130,7 +131,8 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         return None
     with open(pred_dir / "scores.csv") as f:
         heads = {r["stem"]: (float(r["image_head"]) if r.get("image_head") else None) for r in csv.DictReader(f)}
-    results = [{"map": load_map(pred_dir / "maps" / f"{s}.npy"), "image": heads.get(s)} for s in stems]
+    maps = maps if maps is not None else [load_map(pred_dir / "maps" / f"{s}.npy") for s in stems]
+    results = [{"map": m, "image": heads.get(s)} for m, s in zip(maps, stems)]
     params = summary.get("params", {})
     roi = params.get("roi")
     rois = rois_for([read_image(p) for p in find_images(image_dir)], roi) if roi else None
@@ -187,7 +189,7 @@ def evaluate(pred_dir: str | Path, gt_images: str | Path, out: str | Path | None
             raise InputError(f"{Path(pred_dir) / 'scores.csv'}: no score for {missing[0]}")
         scores = [score_map[s] for s in stems]
     metrics = compute_metrics(pred, gt, probs, scores)
-    best = oracle(pred_dir, gt_images, stems, gt) if any(g.any() for g in gt) else None
+    best = oracle(pred_dir, gt_images, stems, gt, probs) if any(g.any() for g in gt) else None
     if best is not None:
         metrics.update(oracle_score=best["score"], calibration_loss=best["score"] - metrics["score"],
                        oracle_params={k: best[k] for k in ("threshold", "image_threshold", "min_area")})

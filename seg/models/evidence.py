@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import FeatureExtractor, greedy_coreset, local_patch_features, nearest
+from .features import FeatureExtractor, greedy_coreset, local_patch_features, nearest, tail_standardiser
 
 
 class NormalEvidence(nn.Module):
@@ -76,11 +76,10 @@ class NormalEvidence(nn.Module):
         bank = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         idx, _ = greedy_coreset(bank, int(len(bank) * self.coreset_ratio), self.seed, project=64)
         self.bank = bank[idx].clone()
-        maps = torch.cat([self.raw(held[k:k + batch_size]) for k in range(0, len(held), batch_size)]).flatten()
-        q50, q999 = torch.quantile(maps[torch.randperm(len(maps), generator=torch.Generator().manual_seed(0))[
-            :1_000_000]], torch.tensor([0.5, 0.999]))
-        self.center.fill_(float(q999))
-        self.scale.fill_(max(float(q999 - q50), 1e-6))
+        maps = torch.cat([self.raw(held[k:k + batch_size]) for k in range(0, len(held), batch_size)])
+        center, scale = tail_standardiser(maps, 0.999, cap=1_000_000)
+        self.center.fill_(center)
+        self.scale.fill_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.raw(x) - self.center) / self.scale

@@ -50,6 +50,17 @@ class FeatureExtractor(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+def tail_standardiser(values: torch.Tensor, q: float, cap: int | None = None) -> tuple[float, float]:
+    """(center, scale) that put the `q` quantile of normal `values` at 0 and their median at -1: the one
+    standardisation of normal maps (evidence channel, calibration). Above `cap` values, a fixed-seed random subset
+    is used; quantiles are computed in the values' own dtype."""
+    flat = values.flatten()
+    if cap is not None and len(flat) > cap:
+        flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:cap]]
+    median, top = (float(v) for v in torch.quantile(flat, torch.tensor([0.5, q], dtype=flat.dtype)))
+    return top, max(top - median, 1e-6)
+
+
 def local_patch_features(feats: list[torch.Tensor]) -> torch.Tensor:
     """PatchCore's locally aware patch features: each map 3x3-averaged, all resized to the first one's grid and
     stacked, (B, D, h, w)."""
