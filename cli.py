@@ -128,9 +128,11 @@ def synth_generate(
         if overwrite and out.exists():
             shutil.rmtree(out)
         with Bar("synth", n) as bar:
-            summary = generate(src, out, n, synth_cfg, seed=seed, workers=workers, warn=warn, progress=bar)
+            summary = generate(src, out, n, synth_cfg, seed=seed, workers=workers, warn=warn, progress=bar,
+                               holdout=cfg["data"]["holdout"], holdout_seed=cfg["data"]["holdout_seed"])
         console.print(f"wrote {summary['written']} samples to {out} ({summary['rate']:.0f}/s), "
-                      f"{summary['skipped']} already there, {summary['bad_files']} unreadable or odd files skipped")
+                      f"{summary['skipped']} already there, {summary['bad_files']} unreadable or odd files skipped; "
+                      f"{summary['held_out']} OK images held out (data.holdout) for validation and calibration")
 
 
 @synth_app.command("preview")
@@ -253,7 +255,7 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     kw = {"norms": spec["norms"]} if spec else {}
     ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
                                     weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
-                                    tile_overlap=p["tile_overlap"], **kw)
+                                    tile_overlap=p["tile_overlap"], window=p.get("window", 1024), **kw)
     return ens, p
 
 
@@ -287,6 +289,9 @@ def ensemble_predict(
                                       "'auto' (each image's bright part). Default: predict.roi of the config."),
     zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
     overlays: str = typer.Option("defective", help="Overlay PNGs for: all | defective (judged so) | none."),
+    window: Optional[int] = typer.Option(None, min=0, help="Large images: predicted whole in windows of up to this "
+                                         "many px when every model is fully convolutional; 0 = tiles of the crop "
+                                         "size (default: predict.window, 1024)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""
@@ -296,7 +301,7 @@ def ensemble_predict(
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight,
                                 {"threshold": threshold, "image_threshold": image_threshold,
-                                 "min_area": min_area, "opening": opening}, device)
+                                 "min_area": min_area, "opening": opening, "window": window}, device)
         src = test_dir(images, part, data)
         n = len(find_images(src))
         with Bar("predict", n) as bar:
@@ -393,15 +398,14 @@ def baseline_predict(
     ensemble_predict(out=out, checkpoint=model, ensemble_file=ensemble_file, images=images, part=part, data=data,
                      tta="none", merge=None, vote_k=None, weight=None, threshold=threshold,
                      image_threshold=image_threshold, min_area=min_area, opening=None, roi=None, zip_prefix=None,
-                     overlays="defective", device=device)
+                     overlays="defective", window=None, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ bench
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context):
     """Every method side by side on a competition-layout dataset (see benchmarks/run.py --help)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-    import run as bench_run
+    from benchmarks import run as bench_run
 
     with user_errors():
         bench_run.main(ctx.args)

@@ -34,6 +34,7 @@ class AnomalyModel(nn.Module):
     """Base: subclasses implement `anomaly_map(x) -> (B,1,H,W)`; forward standardises it into logits."""
 
     method = ""
+    fully_convolutional = False  # per-position statistics (PaDiM) or a dense bottleneck (SSIM-AE): fixed input
 
     def __init__(self):
         super().__init__()

@@ -57,6 +57,8 @@ class PatchCore(AnomalyModel):
         maps = F.interpolate(patch.view(b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return gaussian_blur(maps, self.sigma), weight * s_star
 
+    fully_convolutional = True  # nearest-patch distances: any input size
+
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores(x)[0]
 

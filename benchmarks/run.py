@@ -115,7 +115,8 @@ def parse_sets(sets: str | None, data: str | None, part: int, data_root: str) ->
     return out
 
 
-def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool, log) -> dict:
+def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool, log,
+            hybrid_tta: str = "flip") -> dict:
     """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}."""
     out.mkdir(parents=True, exist_ok=True)
     test_images = competition_dir(data, part, "TC_Images")
@@ -157,7 +158,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         slug = method
         ck = [x for m in parts for x in ("-m", str(files[m]))]
         if len(parts) > 1:  # an ensemble: calibrated as a whole (its own normalisers and operating point)
-            run(["ensemble", "calibrate", *ck, "--tta", "none", "-o", str(out / f"{slug}.json")], log)
+            run(["ensemble", "calibrate", *ck, "--tta", hybrid_tta, "-o", str(out / f"{slug}.json")], log)
             source = ["-e", str(out / f"{slug}.json")]
         else:  # a single model file: the operating point it stores (the README path)
             source = ck
@@ -196,6 +197,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="small training budget (every set in under 20 minutes)")
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
+    ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"),
+                    help="TTA of the hybrid ensembles (single model files use the TTA they store)")
     a = ap.parse_args(argv)
     methods = tuple(m.strip() for m in a.methods.split(","))
     bad = [m for m in methods if m not in METHODS]
@@ -210,10 +213,11 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     per_set = {}
     for label, data, part in parse_sets(a.sets, a.data, a.part, a.data_root):
-        per_set[label] = run_set(label, data, part, out / label, b, methods, a.reuse, log)
+        per_set[label] = run_set(label, data, part, out / label, b, methods, a.reuse, log, a.hybrid_tta)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
     meta = {"date": datetime.date.today().isoformat(), "machine": machine, "mode": "quick" if a.quick else "full",
+            "hybrid_tta": a.hybrid_tta,
             "sets": list(per_set), "minutes": (time.perf_counter() - start) / 60}
     write_json(out / "results.json", {"meta": meta, "results": per_set})
     md = results_markdown(meta, per_set)

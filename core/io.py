@@ -34,7 +34,13 @@ def find_images(root: str | Path, warn=None) -> list[Path]:
         raise InputError(f"{root}: not a folder")
     found = []
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith("."):
+            continue
+        if path.is_symlink() and not path.exists():  # broken, or a loop (reading it would fail with ELOOP)
+            if warn is not None:
+                warn(f"{path}: a broken or looping symbolic link, skipped")
+            continue
+        if not path.is_file():
             continue
         if path.suffix.lower() in IMAGE_EXTS:
             found.append(path)
@@ -87,14 +93,40 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     return (m > 0).astype(np.uint8)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def user_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file (0666) or folder (0777) made by `tempfile` (0600 / 0700) the user's usual mode under their umask,
+    so outputs are as readable by colleagues as the user's other files."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def sweep_temps(folder: str | Path) -> int:
+    """Remove the hidden temporary files (`.NAME.XXXX.tmp`) a killed writer left in `folder`; returns how many."""
+    n = 0
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}") if Path(folder).is_dir() else ():
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, then rename: readers never see half a file. The file gets
+    the user's umask, like any other file they write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import __version__
 from core.io import InputError, atomic_write_bytes
 
 
@@ -38,7 +39,7 @@ def plain(obj):
 def save_model_file(path: str | Path, state: dict) -> None:
     """Write `state` (made plain, see `plain`) atomically: a reader never sees half a file."""
     buf = io.BytesIO()
-    torch.save(plain(state), buf)
+    torch.save(plain({**state, "toolkit_version": __version__}), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -62,6 +63,12 @@ def load_model_file(path: str | Path, map_location="cpu") -> dict:
         raise InputError(f"{path}: not a readable model file ({type(e).__name__}: {str(e)[:160]})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
         raise InputError(f"{path}: not a model file written by `seg train` or `baseline fit` (no model/config)")
+    need = ("method", "init", "state", "config") if "method" in ckpt else ("model", "config")
+    missing = [k for k in need if k not in ckpt]
+    if "config" not in missing and not (isinstance(ckpt["config"], dict) and "model" in ckpt["config"]):
+        missing.append("config.model")
+    if missing:
+        raise InputError(f"{path}: incomplete model file (no {', '.join(missing)})")
     return ckpt
 
 

@@ -28,10 +28,10 @@ from core.modelfile import load_model_file, set_calibration
 from core.postprocess import postprocess
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
+from synth.streams import CALIBRATION, stream
 
 from .models import Ensemble
 
-CAL_STREAM = 0xCA11B  # tags calibration's random streams (crops, synthetic defects): never a training stream
 NORMAL_QUANTILES = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
@@ -42,7 +42,7 @@ FLAG_ALL = -1e30  # an image threshold below every evidence: any non-empty mask 
 # ------------------------------------------------------------------------------------------------ data
 def normal_crops(pool: SourcePool, n: int, seed: int) -> list[np.ndarray]:
     """n random uint8 crops of the pool's size from its images (real normal crops)."""
-    return pool.random_crops(n, [CAL_STREAM, seed, 0])
+    return pool.random_crops(n, [CALIBRATION, seed, 0])
 
 
 def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -50,7 +50,7 @@ def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[l
     engine = DefectSynthesizer(SynthConfig.from_dict({**cfg["synth"], "normal_ratio": 0.0}))
     images, masks = [], []
     for i in range(4 * n):  # a draw that could place no defect (e.g. outside the ROI) is skipped
-        image, mask, _ = engine.draw(np.random.default_rng([CAL_STREAM, seed, 1, i]), pool)
+        image, mask, _ = engine.draw(stream(CALIBRATION, seed, 1, i), pool)
         if mask.any():
             images.append(image)
             masks.append(mask)

@@ -39,7 +39,7 @@ def load_ground_truth(image_dir: str | Path) -> tuple[list[Path], list[str], lis
                 m = d / p.relative_to(image_dir).with_suffix(".png")
                 if not m.exists():
                     raise InputError(f"{m}: ground-truth mask missing for {p}")
-                masks.append(read_mask(m))
+                masks.append(read_mask(m, read_image(p).shape[:2]))  # a mask of another size is refused
             return paths, stems, masks
     for name in GT_LABEL_DIRS:
         d = image_dir.parent / name

@@ -22,6 +22,7 @@ from seg.models import model_from_config
 from seg.train import resolve_device
 from core.io import InputError
 
+STRIDE = 32  # the deepest encoder stride: whole-image windows are padded to a multiple of it
 TTA = {"none": lambda: None,
        "flip": lambda: tta.Compose([tta.HorizontalFlip()]),
        "d4": tta.aliases.d4_transform}
@@ -34,7 +35,11 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict, dict | 
     if "method" in ckpt:
         from baseline.common import load_model as load_baseline
 
-        return load_baseline(ckpt).to(device), ckpt["config"], ckpt.get("calibration")
+        try:
+            return load_baseline(ckpt).to(device), ckpt["config"], ckpt.get("calibration")
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: the stored state does not fit its {ckpt['method']} model "
+                             f"({type(e).__name__}: {str(e)[:160]})") from None
     model = model_from_config({**ckpt["config"]["model"], "weights": "none"})
     try:
         model.load_state_dict(ckpt["model"])
@@ -49,9 +54,12 @@ class Ensemble:
     def __init__(self, models: Sequence[torch.nn.Module], channels: int, tile: int, device: str = "auto",
                  tta_mode: str = "flip", merge: str = "mean", vote_k: int | None = None,
                  weights: Sequence[float] | None = None, threshold: float = 0.0, batch_size: int = 32,
-                 tile_overlap: int = 32, paths: Sequence[str] = (), norms: Sequence[dict | None] | None = None):
+                 tile_overlap: int = 32, paths: Sequence[str] = (), norms: Sequence[dict | None] | None = None,
+                 window: int = 1024):
         """`models` map (B,C,T,T) images in [0,1] to {"mask": logits, "image": logits or None}. `norms`: one
-        normaliser per model, `{"pixel": [center, scale], "image": [center, scale] or None}`, or None (raw)."""
+        normaliser per model, `{"pixel": [center, scale], "image": [center, scale] or None}`, or None (raw).
+        `window`: when every model is fully convolutional, an image larger than the crop is predicted whole, in
+        windows of up to `window` px a side (0: always tiles of the crop size)."""
         if not models:
             raise InputError("no checkpoint given (--checkpoint PATH, repeatable)")
         if tta_mode not in TTA:
@@ -73,6 +81,8 @@ class Ensemble:
         self.tta = TTA[tta_mode]()
         self.tta_mode = tta_mode
         self.batch_size, self.overlap = batch_size, tile_overlap
+        self.whole = window > 0 and all(getattr(m, "fully_convolutional", False) for m in self.models)
+        self.window = max(window // STRIDE * STRIDE, tile) if window > 0 else 0
         self.set_norms(norms)
 
     def set_norms(self, norms: Sequence[dict | None] | None) -> None:
@@ -129,15 +139,17 @@ class Ensemble:
         image = torch.stack(heads) if all(h is not None for h in heads) else None
         return torch.stack(maps).cpu(), (image.cpu() if image is not None else None)
 
+    @staticmethod
+    def _starts(n: int, t: int, overlap: int) -> list[int]:
+        """Starts of windows of side t covering [0, n) (n >= t) with at least `overlap` px of overlap."""
+        stride = max(1, t - overlap)
+        s = list(range(0, n - t + 1, stride))
+        return s if s[-1] == n - t else s + [n - t]
+
     def tiles(self, h: int, w: int) -> list[tuple[int, int]]:
         """Top-left corners of overlapping tiles covering an (h, w) image (h, w >= tile)."""
-        t, stride = self.tile, max(1, self.tile - self.overlap)
-
-        def starts(n):
-            s = list(range(0, n - t + 1, stride))
-            return s if s[-1] == n - t else s + [n - t]
-
-        return [(y, x) for y in starts(h) for x in starts(w)]
+        t = self.tile
+        return [(y, x) for y in self._starts(h, t, self.overlap) for x in self._starts(w, t, self.overlap)]
 
     def _layout(self, images: list[np.ndarray]) -> tuple[list[tuple[int, int, int]], list[dict]]:
         """Tiles (image index, y, x) and per-image accumulators for a list of uint8 images."""
@@ -193,8 +205,46 @@ class Ensemble:
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         """For each uint8 image: {"map": merged (H,W) float32, "hits": binary (H,W) before post-processing,
-        "image": float or None, "per_model": (M,H,W)}. Images larger than the crop are tiled with overlap and
-        averaged."""
+        "image": float or None, "per_model": (M,H,W)}. Images of the crop size go through in batches; larger ones
+        are predicted whole (fully convolutional models, see `window`) or tiled with overlap and averaged."""
+        big = [i for i, img in enumerate(images) if self.whole and max(img.shape[:2]) > self.tile]
+        out = {i: self._predict_whole(images[i]) for i in big}
+        rest = [i for i in range(len(images)) if i not in out]
+        if rest:
+            out.update(zip(rest, self._predict_tiled([images[i] for i in rest])))
+        return [out[i] for i in range(len(images))]
+
+    def _predict_whole(self, img: np.ndarray) -> dict:
+        """One large image in windows of up to `window` px (padded by reflection to a multiple of STRIDE),
+        overlapping by 2 x tile_overlap and averaged; the image score is the maximum over the windows, as the
+        heads' global max pooling gives over one large input."""
+        arr = img if img.ndim == 3 else img[..., None]
+        if arr.shape[2] != self.channels:
+            raise InputError(f"image: {arr.shape[2]} channels, the models take {self.channels}")
+        h, w = arr.shape[:2]
+        ph, pw = max(0, self.tile - h), max(0, self.tile - w)  # at least one crop a side, as when tiling
+        if ph or pw:
+            arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        H, W = arr.shape[:2]
+        win_h, win_w = min(self.window, H), min(self.window, W)
+        total = np.zeros((len(self.models), H, W), np.float32)
+        count = np.zeros((H, W), np.float32)
+        heads = []
+        for y in self._starts(H, win_h, 2 * self.overlap):
+            for x in self._starts(W, win_w, 2 * self.overlap):
+                part = arr[y:y + win_h, x:x + win_w]
+                ph, pw = -win_h % STRIDE, -win_w % STRIDE
+                if ph or pw:
+                    part = np.pad(part, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+                t = torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1)[None].float().div_(255)
+                maps, head = self.forward(t)
+                total[:, y:y + win_h, x:x + win_w] += maps[:, 0, :win_h, :win_w].numpy()
+                count[y:y + win_h, x:x + win_w] += 1
+                if head is not None:
+                    heads.append(head[:, 0].numpy())
+        return self._merge({"sum": total / count, "count": 1.0, "tiles": 1, "size": (h, w), "head": heads})
+
+    def _predict_tiled(self, images: list[np.ndarray]) -> list[dict]:
         t = self.tile
         jobs, canvases = self._layout(images)
         for chunk, x_t in self._batches(jobs, canvases):

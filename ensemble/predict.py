@@ -23,7 +23,7 @@ from synth.preview import outline
 from .models import Ensemble
 from core.postprocess import final_mask, image_score
 from synth.engine import part_region
-from .submission import dump, mask_to_record, write_zip
+from .submission import dump, mask_to_record, text_name, write_zip
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -40,6 +40,16 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover(out: Path) -> None:
+    """Clean up after a run killed mid-way: put back a previous output caught between the two renames of
+    `publish`, and remove what the killed run was writing."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.replace(olds.pop(), out)
+    for stale in olds + list(out.parent.glob(f".{out.name}.partial-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: dict,
                 roi: str | Path | None = None, zip_prefix: str | None = None, overlays: str = "defective",
                 progress: Callable | None = None, warn: Callable | None = None) -> dict:
@@ -52,8 +62,8 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     roi_mask = read_mask(roi) if roi and not auto else None
     roi_by_shape: dict[tuple[int, int], np.ndarray] = {}  # the ROI resized once per image size
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     if overlays not in ("all", "defective", "none"):
         raise InputError(f"overlays: expected all, defective or none, got {overlays!r}")
     for sub in ("submission", "masks", "maps") + (("overlays",) if overlays != "none" else ()):
@@ -89,7 +99,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())
                 pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays))
-                rows.append({"name": p.name, "stem": stem, "defective": int(mask.any()),
+                rows.append({"name": text_name(p.name), "stem": text_name(stem), "defective": int(mask.any()),
                              "image_score": float(image_score(r["map"], r["image"])),
                              "image_head": "" if r["image"] is None else float(r["image"]),
                              "peak": float(r["map"].max()), "area": int(mask.sum())})

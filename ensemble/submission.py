@@ -4,6 +4,7 @@ one region per 8-connected component; no file means normal. Writer, reader and t
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def mask_to_record(mask: np.ndarray, name: str) -> dict:
     for k in range(1, n):
         rows, cols = np.nonzero(labels == k)
         regions.append({"points": [f"{r}, {c}" for r, c in zip(rows.tolist(), cols.tolist())]})
-    return {"Height": int(h), "Width": int(w), "name": name, "regions": regions}
+    return {"Height": int(h), "Width": int(w), "name": text_name(name), "regions": regions}
 
 
 def record_to_mask(record: dict, path: str | Path = "") -> np.ndarray:
@@ -53,6 +54,12 @@ def write_zip(json_dir: Path, zip_path: Path, prefix: str) -> None:
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(json_dir.glob("*.json")):
             z.write(p, f"{prefix.strip('/')}/{p.name}")
+
+
+def text_name(name: str) -> str:
+    """A file name as text for JSON and CSV: bytes that are not UTF-8 (kept by the OS as surrogates) are shown
+    as \\xNN escapes instead of failing the write."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def dump(record: dict) -> str:

@@ -41,6 +41,7 @@ DEFAULTS: dict = {
     "predict": {
         "tta": "flip", "threshold": 0.0, "image_threshold": 0.0, "min_area": 10, "opening": 0,
         "merge": "mean", "vote_k": None, "weights": None, "tile_overlap": 32, "batch_size": 32, "roi": None,
+        "window": 1024,
     },
     # operating point chosen from OK images only: real normal crops of the held-out OK images fix the image
     # threshold at `target_overkill`; synthetic defects on those images fix the pixel threshold and min_area
@@ -55,6 +56,54 @@ CHOICES = {
     "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),
     "predict.merge": ("mean", "vote"),
 }
+
+
+# value constraints, checked up front with the key named (before any work or progress bar starts)
+POSITIVE = ("train.epochs", "train.steps_per_epoch", "train.batch_size", "train.lr", "train.val_n",
+            "predict.batch_size", "calibrate.normal_crops", "calibrate.synth_n", "model.normal_crops",
+            "baseline.n_train", "baseline.n_val", "baseline.padim_dims", "baseline.ae_steps", "baseline.ae_batch",
+            "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")
+NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.workers",
+                "train.early_stopping", "train.curriculum.ramp_epochs", "predict.min_area", "predict.opening",
+                "predict.tile_overlap", "predict.window")
+UNIT = ("data.holdout", "calibrate.target_overkill", "model.coreset_ratio", "baseline.coreset_ratio",
+        "train.curriculum.start", "train.curriculum.end", *(f"train.augment.{k}" for k in DEFAULTS["train"]["augment"]))
+EXISTING = ("data.ok_dir", "data.test_dir", "train.val_dir", "train.synth_dir")
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def check_values(cfg: dict, where: str) -> None:
+    """Sizes positive, weights non-negative, probabilities and shares in [0, 1], ranges ordered, given paths
+    existing: each failure names its key, before anything runs."""
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise InputError(f"{where}: {key} must be positive, got {_get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise InputError(f"{where}: {key} must be 0 or more, got {_get(cfg, key)!r}")
+    for key in UNIT:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise InputError(f"{where}: {key} must be between 0 and 1, got {_get(cfg, key)!r}")
+    if cfg["data"]["holdout"] >= 1:
+        raise InputError(f"{where}: data.holdout must be below 1 (some OK images must remain to train on)")
+    if cfg["model"]["coreset_ratio"] <= 0 or cfg["baseline"]["coreset_ratio"] <= 0:
+        raise InputError(f"{where}: coreset_ratio must be above 0")
+    cur = cfg["train"]["curriculum"]
+    if cur["start"] > cur["end"]:
+        raise InputError(f"{where}: train.curriculum.start ({cur['start']}) must not exceed end ({cur['end']})")
+    k = cfg["predict"]["vote_k"]
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise InputError(f"{where}: predict.vote_k must be a positive integer or null, got {k!r}")
+    for key in EXISTING:
+        value = _get(cfg, key)
+        if value is not None and not Path(value).exists():
+            raise InputError(f"{where}: {key}: {value} does not exist")
 
 
 def _check(value, default, key: str, where: str):
@@ -124,6 +173,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg["synth"] = SynthConfig.from_dict(cfg["synth"]).to_dict()
     except (ValueError, TypeError) as e:
         raise InputError(f"{where}: synth: {e}") from None
+    check_values(cfg, where)
     return cfg
 
 

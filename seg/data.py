@@ -45,6 +45,40 @@ class SeededAugment:
         return out["image"], out["mask"]
 
 
+def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> dict:
+    """The config to train from a `synth generate` folder: its OK images, held-out split and synthesis settings
+    replace `data.*` and `synth.*`, so validation and calibration draw on the folder's own held-out images (never
+    on images its samples came from). A folder whose source changed since, or with no `run.json`, is refused."""
+    import copy
+
+    from core.io import read_json_file
+    from synth.engine import SourcePool
+
+    run_file = Path(folder) / "run.json"
+    if not run_file.exists():
+        raise InputError(f"{run_file}: missing (train.synth_dir must be a folder written by `synth generate`)")
+    run = read_json_file(run_file)
+    missing = [k for k in ("source", "config") if k not in run]
+    if missing:
+        raise InputError(f"{run_file}: not a `synth generate` run file (no {', '.join(missing)})")
+    out = copy.deepcopy(cfg)
+    out["synth"] = run["config"]
+    out["data"].update(ok_dir=run["source"], holdout=run.get("holdout", 0.0),
+                       holdout_seed=run.get("holdout_seed", 0))
+    if "held_out" not in run:
+        if warn:
+            warn(f"{run_file}: written without a held-out split, so validation and calibration draw on the images "
+                 "its samples came from (regenerate with a current `synth generate`)")
+        return out
+    s = run["config"]
+    _, held = SourcePool(run["source"], s["channels"], s["size"]).split(out["data"]["holdout"],
+                                                                        out["data"]["holdout_seed"])
+    if (held.paths if held else []) != run["held_out"]:
+        raise InputError(f"{run_file}: the OK images in {run['source']} changed since the folder was generated, "
+                         "so its held-out split no longer holds; regenerate the folder")
+    return out
+
+
 class SynthFolderDataset(Dataset):
     """A `synth generate` folder; `max_difficulty` hides defective samples above the ceiling (curriculum)."""
 

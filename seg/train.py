@@ -1,9 +1,9 @@
 """`seg train`: train a segmenter on synthetic defects (on-the-fly or a `synth generate` folder).
 
-Every epoch draws new defects from `default_rng([seed, epoch, rank, i])` under the curriculum's difficulty
-ceiling; validation uses a fixed-seed synthetic set (and an optional real labelled folder). Checkpoints `best.pt`
-and `last.pt` are written atomically and carry the resolved config, so a checkpoint alone is enough to predict;
-`resume` restores model, optimiser, scheduler, scaler, RNG and history, and continues exactly.
+Every epoch draws new defects from the tagged stream `[TRAIN, seed, epoch, rank, i]` (synth.streams) under the
+curriculum's difficulty ceiling; validation uses a fixed-seed synthetic set (and an optional real labelled folder).
+Checkpoints `best.pt` and `last.pt` are written atomically and carry the resolved config, so a checkpoint alone is
+enough to predict; `resume` restores model, optimiser, scheduler, scaler, RNG and history, and continues exactly.
 Runs under `torchrun` as DistributedDataParallel (gloo on CPU, nccl on CUDA).
 """
 
@@ -21,22 +21,24 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from core.metrics import competition_score, dice_iou
 from core.modelfile import load_model_file, save_model_file
+from core.workers import STALL_SECONDS, WorkerError, limit_threads
+from core.workers import context as worker_context
 from core.postprocess import final_mask
 from synth.dataset import SynthDataset, crops_tensor, to_tensors
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
+from synth.streams import NORMAL, VALIDATION, stream
 from core.io import InputError, atomic_write_bytes, write_json
 
 from .config import ok_pools
 from .curriculum import CurriculumSchedule
-from .data import LabelledFolder, SeededAugment, SynthFolderDataset, build_augment
+from .data import LabelledFolder, SeededAugment, SynthFolderDataset, adopt_synth_folder, build_augment
 from .losses import SegmentationLoss
 from .models import model_from_config
 
-NORMAL_STREAM = 0x0C0C  # tags the OK crops a normal model is fitted on: never a training-sample stream
 METRIC_MODE = {"score": max, "dice": max, "iou": max, "loss": min}
 
 
@@ -49,6 +51,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 save_checkpoint = save_model_file
+
+
+def _limit_worker_threads(_worker_id: int) -> None:
+    limit_threads(1)
+
+
+def _watched(loader: DataLoader, epoch: int):
+    """The loader's batches; a DataLoader worker that died or stalled becomes one clear error."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            text = str(e)
+            if "DataLoader worker" in text or "timed out" in text:
+                raise WorkerError(f"epoch {epoch}: a data worker died or stalled ({text.splitlines()[0]}); "
+                                  "rerun with --resume to continue from the last finished epoch") from None
+            raise
+        yield batch
 load_checkpoint = load_model_file
 
 
@@ -85,7 +108,7 @@ def evaluate_set(model, images, masks, predict_cfg: dict, device, loss_fn=None) 
 def synthetic_val_set(engine: DefectSynthesizer, pool: SourcePool, n: int, seed: int):
     imgs, masks = [], []
     for i in range(n):
-        image, mask, _ = engine.draw(np.random.default_rng([seed, i]), pool)
+        image, mask, _ = engine.draw(stream(VALIDATION, seed, i), pool)
         a, b = to_tensors(image, mask)
         imgs.append(a)
         masks.append(b)
@@ -152,6 +175,8 @@ class Trainer:
             self.rank, self.world = 0, 1
         self.main = self.rank == 0
         self.out = Path(t["out"])
+        if t["synth_dir"]:  # the folder's own sources, split and synthesis settings (validation, calibration)
+            cfg = self.cfg = adopt_synth_folder(cfg, t["synth_dir"], warn if self.main else None)
         torch.manual_seed(t["seed"])
         self.synth_cfg = SynthConfig.from_dict(cfg["synth"])
         self.engine = DefectSynthesizer(self.synth_cfg)
@@ -166,12 +191,15 @@ class Trainer:
         self.model = model_from_config(cfg["model"])
         if self.model.needs_normal:  # e.g. evidence_unet: its normal model is fitted on OK crops first
             n = cfg["model"]["normal_crops"]
-            normal = crops_tensor(self.pool.random_crops(n, [NORMAL_STREAM, t["seed"], 0]))
+            normal = crops_tensor(self.pool.random_crops(n, [NORMAL, t["seed"], 0]))
             other = self.held_out or self.pool
-            held = crops_tensor(other.random_crops(max(16, n // 4), [NORMAL_STREAM, t["seed"], 1]))
+            held = crops_tensor(other.random_crops(max(16, n // 4), [NORMAL, t["seed"], 1]))
             self.model.fit_normal(normal, held)
         self.model = self.model.to(self.device)
-        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.distributed else self.model
+        # a head whose loss weight is 0 gets no gradient: DDP must be told, or it waits for it forever
+        unused = t["image_loss_weight"] == 0 or t["deep_loss_weight"] == 0
+        self.net = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=unused)
+                    if self.distributed else self.model)
         self.loss_fn = SegmentationLoss(t["mask_loss"], t["image_loss_weight"], t["deep_loss_weight"])
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
         total = t["epochs"] * t["steps_per_epoch"]
@@ -199,6 +227,12 @@ class Trainer:
                 "rng": torch.get_rng_state(), "config": self.cfg, "metric": self.cfg["train"]["metric"],
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
+    def inference_state(self, epoch: int) -> dict:
+        """What prediction needs (best.pt): weights, config, the run's history; no optimiser, scheduler or RNG
+        state (those live in last.pt, which `--resume` uses)."""
+        return {"model": self.model.state_dict(), "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch,
+                "metric": self.cfg["train"]["metric"], "rows": self.rows, "config": self.cfg}
+
     def resume(self) -> None:
         ckpt = load_checkpoint(self.out / "last.pt")
         self.model.load_state_dict(ckpt["model"])
@@ -214,14 +248,32 @@ class Trainer:
         self.log(f"resumed from {self.out / 'last.pt'} after epoch {ckpt['epoch']}")
 
     # ------------------------------------------------------------------------------------------- loop
+    def loader(self, epoch: int) -> DataLoader:
+        """This rank's batches of an epoch. On the fly, each rank draws its own stream; from a folder, a
+        DistributedSampler gives each rank its own share of a shuffled order. Worker processes start from a fresh
+        interpreter (core.workers) and a stalled one ends the run (DataLoader timeout)."""
+        t = self.cfg["train"]
+        sampler, shuffle = None, False
+        if t["synth_dir"]:
+            if self.distributed:
+                sampler = DistributedSampler(self.dataset, self.world, self.rank, shuffle=True, seed=t["seed"],
+                                             drop_last=True)
+                sampler.set_epoch(epoch)
+            else:
+                shuffle = True
+        extra = {}
+        if t["workers"] > 0:
+            extra = {"multiprocessing_context": worker_context(), "timeout": STALL_SECONDS,
+                     "worker_init_fn": _limit_worker_threads}
+        return DataLoader(self.dataset, batch_size=t["batch_size"], shuffle=shuffle, sampler=sampler,
+                          num_workers=t["workers"], drop_last=True,
+                          generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch), **extra)
+
     def train_epoch(self, epoch: int, bar) -> float:
         t = self.cfg["train"]
         self.net.train()
-        loader = DataLoader(self.dataset, batch_size=t["batch_size"], shuffle=bool(t["synth_dir"]),
-                            num_workers=t["workers"], drop_last=True,
-                            generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
         losses = []
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(_watched(self.loader(epoch), epoch)):
             if step >= t["steps_per_epoch"]:
                 break
             x, y, label = (batch[k].to(self.device) for k in ("image", "mask", "label"))
@@ -241,8 +293,10 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         t = self.cfg["train"]
-        if resume:
+        if resume and (self.out / "last.pt").exists():
             self.resume()
+        elif resume and self.main:  # killed before its first epoch ended: nothing to resume, start afresh
+            self.log(f"no {self.out / 'last.pt'} yet: starting from the first epoch")
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", self.cfg)
@@ -266,7 +320,7 @@ class Trainer:
                     row.update({f"real_{k}": v for k, v in real.items() if k not in ("defective", "normal")})
                 self.rows.append(row)
                 if self.step_best(row, epoch) and self.main:
-                    save_checkpoint(self.out / "best.pt", self.state(epoch))
+                    save_checkpoint(self.out / "best.pt", self.inference_state(epoch))
                 if self.main:
                     save_checkpoint(self.out / "last.pt", self.state(epoch))
                     write_metrics(self.out, self.rows)

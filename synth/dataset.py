@@ -1,7 +1,8 @@
 """On-the-fly synthetic training data: the engine of `synth generate` as a torch Dataset (one code path).
 
-Item i of epoch e is drawn from `default_rng([seed, epoch, i])`, so an epoch is the same whatever the
-DataLoader workers, and a resumed run sees the same data. `max_difficulty` caps the defects (curriculum).
+Item i of epoch e on rank r is drawn from the tagged stream `[TRAIN, seed, epoch, r, i]` (synth.streams), so an
+epoch is the same whatever the DataLoader workers, and a resumed run sees the same data. `max_difficulty` caps the
+defects (curriculum).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .engine import DefectSynthesizer, SourcePool
+from .streams import TRAIN, stream
 
 
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +42,7 @@ class SynthDataset(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, i])
+        rng = stream(TRAIN, self.seed, self.epoch, self.rank, i)
         image, mask, record = self.engine.draw(rng, self.sources, self.max_difficulty)
         if self.augment is not None:  # a callable (image, mask, seed) -> (image, mask)
             image, mask = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)))

@@ -18,9 +18,9 @@ from .appearance import BLENDS, FILLS, AlphaBlend, PoissonBlend
 from core.io import InputError, find_images, read_image, read_mask
 from .params import check_range, check_weights, choose, integer
 from .shapes import SHAPES, ElasticWarp, render_shape
+from .streams import SPLIT, stream
 from .structural import Displacement
 
-SPLIT_STREAM = 0x5EED0C  # tags the held-out split's random stream, so it never coincides with a sample stream
 MASKED_FAMILIES = ("bezier_blob", "bezier_stroke", "gaussian", "perlin")
 FAMILIES = MASKED_FAMILIES + ("cut_paste", "displacement")
 
@@ -113,6 +113,9 @@ class SourcePool:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getstate__(self) -> dict:  # a worker process gets the file list, not the decoded-image cache
+        return {**self.__dict__, "_cache": {}}
+
     def index(self, rel: str) -> int:
         return self.paths.index(rel)
 
@@ -134,7 +137,7 @@ class SourcePool:
         if n_hold <= 0:
             return self, None
         names = sorted(self.paths)
-        order = np.random.default_rng([SPLIT_STREAM, seed]).permutation(len(names))
+        order = stream(SPLIT, seed).permutation(len(names))
         held = {names[i] for i in order[:n_hold]}
         train = [p for p in self.paths if p not in held]
         return (SourcePool(self.root, self.channels, self.size, paths=train),

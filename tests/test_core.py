@@ -60,10 +60,13 @@ def test_a_crafted_model_file_never_runs_its_code(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(InputError, match="junk.pt: not a readable model file"):
         load_model_file(tmp_path / "junk.pt")
-    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5)}, "model": {"w": torch.ones(2)},
-                                            "rows": [{"x": np.int64(3)}]})
+    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5), "model": {}},
+                                            "model": {"w": torch.ones(2)}, "rows": [{"x": np.int64(3)}]})
     back = load_model_file(tmp_path / "plain.pt")  # numpy scalars are written as plain numbers
     assert back["config"]["a"] == 0.5 and type(back["rows"][0]["x"]) is int
+    save_model_file(tmp_path / "partial.pt", {"method": "patchcore", "config": {"model": {}}, "init": {}})
+    with pytest.raises(InputError, match=r"partial.pt: incomplete model file \(no state\)"):
+        load_model_file(tmp_path / "partial.pt")
 
 
 def test_held_out_split_is_disjoint_reproducible_and_never_trained_on(ok_dir):
@@ -152,3 +155,24 @@ def test_calibration_defects_always_have_masks_and_old_ensemble_files_are_refuse
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "ensemble", "predict", "-e", str(old),
                         "--images", str(tmp_path), "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "older version" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pip_install_gives_the_defect_synth_command(tmp_path):
+    """`pip install .` installs the packages, the configs and a `defect-synth` command (the same Typer app)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "data", "tests", "docs",
+                                                             "__pycache__", ".*_cache", "*.egg-info", "build"))
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run([sys.executable, str(site / "bin" / "defect-synth"), "--help"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("synth", "seg", "ensemble", "baseline")), r.stderr
+    r = subprocess.run([sys.executable, "-c", "import seg.config as c; print(c.__file__); "
+                        "print(c.load_config(c.config_for_part(2))['predict']['roi'])"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.split() == [str(site / "seg" / "config.py"), "auto"], r.stderr

@@ -142,6 +142,43 @@ def test_tiling_a_convolutional_model_matches_the_whole_image_away_from_tile_bor
     assert not np.allclose(tiled[covered_badly], whole[covered_badly], atol=1e-5)  # seams exist where expected
 
 
+class Convolutional(Isotropic):
+    fully_convolutional = True
+
+    def forward(self, x):
+        out = super().forward(x)
+        return {"mask": out["mask"], "image": out["mask"].amax(dim=(1, 2, 3))[:, None]}
+
+
+def test_a_large_image_is_predicted_whole_and_matches_the_tiles_away_from_their_borders():
+    big = textured(9, h=700, w=900)
+    whole = Ensemble([Convolutional()], 1, 128, "cpu", "none", tile_overlap=32, window=320)
+    tiled = Ensemble([Convolutional()], 1, 128, "cpu", "none", tile_overlap=32, window=0)
+    assert whole.whole and not tiled.whole and not Ensemble([Isotropic()], 1, 128, "cpu", "none").whole
+    a, b = whole.predict([big])[0], tiled.predict([big])[0]
+    direct = Convolutional()(torch.from_numpy(big)[None, None].float() / 255)["mask"][0, 0].detach().numpy()
+    inner = np.zeros(big.shape, bool)
+    inner[3:-3, 3:-3] = True
+    for y in whole._starts(700, 320, 64):  # the windows' own borders (3 px, the kernel's reach) see padding
+        inner[max(0, y - 3):y + 3] = inner[y + 317:y + 323] = False
+    for x in whole._starts(900, 320, 64):
+        inner[:, max(0, x - 3):x + 3] = inner[:, x + 317:x + 323] = False
+    assert np.allclose(a["map"][inner], direct[inner], atol=1e-5)
+    far = np.zeros(big.shape, bool)  # away from every tile border of the tiled path too
+    for y, x in tiled.tiles(700, 900):
+        far[y + 3:y + 125, x + 3:x + 125] = True
+    for y, x in tiled.tiles(700, 900):
+        t = np.zeros(big.shape, bool)
+        t[y:y + 128, x:x + 128] = True
+        t[y + 3:y + 125, x + 3:x + 125] = False
+        far &= ~t
+    assert (far & inner).mean() > 0.3 and np.allclose(a["map"][far & inner], b["map"][far & inner], atol=1e-5)
+    # the image score is the max over the windows, as the heads' global max pooling gives over one input
+    assert direct[inner].max() - 1e-5 <= a["image"] <= direct.max() + 0.1
+    small = whole.predict([big[:100, :90]])[0]  # smaller than a crop: padded like a tile, cut back
+    assert small["map"].shape == (100, 90)
+
+
 def test_predict_writes_submission_and_an_interrupted_run_leaves_no_partial_output(tmp_path):
     images = tmp_path / "TC_Images"
     images.mkdir()
@@ -157,7 +194,13 @@ def test_predict_writes_submission_and_an_interrupted_run_leaves_no_partial_outp
     assert jsons == ["c1", "c3", "c5"] and s["defective"] == 3
     m = record_to_mask(__import__("json").loads((out / "submission" / "c1.json").read_text()))
     assert m[64, 64] and m.sum() == pytest.approx(np.pi * 6.5**2, rel=0.2)  # the drawn disc of radius 6
-    assert (out / "submission.zip").exists() and (out / "scores.csv").read_text().count("\n") == 7
+    import zipfile
+
+    with zipfile.ZipFile(out / "submission.zip") as z:  # the upload holds exactly the JSONs, byte for byte
+        assert sorted(z.namelist()) == [f"data/TC_Images/{s}.json" for s in jsons]
+        assert all(z.read(f"data/TC_Images/{s}.json") == (out / "submission" / f"{s}.json").read_bytes()
+                   for s in jsons)
+    assert (out / "scores.csv").read_text().count("\n") == 7
     before = {p.name: p.read_bytes() for p in (out / "submission").iterdir()}
 
     def boom(k):
@@ -263,6 +306,12 @@ def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
     best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, 0)
     chosen = [final_mask(r["map"], r["image"], rep["params"]) for r in ens.predict(list(images))]
     assert competition_score(chosen, list(gt))["score"] == pytest.approx(best["score"]) and best["score"] > 0.95
+    # fitted on one half, scored on the other: the thresholds carry over to crops they never saw
+    half = calibrate(ens, images[:8:2], None, PARAMS, 0.05, labelled=(list(images[:8]), list(gt[:8])))
+    unseen = [final_mask(r["map"], r["image"], half["params"]) for r in ens.predict(list(images[8:]))]
+    default_unseen = [final_mask(r["map"], r["image"], PARAMS) for r in ens.predict(list(images[8:]))]
+    assert competition_score(unseen, list(gt[8:]))["score"] > competition_score(default_unseen, list(gt[8:]))["score"]
+    assert competition_score(unseen, list(gt[8:]))["score"] > 0.9
 
 
 def test_auroc_from_stored_maps_equals_auroc_in_memory(tmp_path):

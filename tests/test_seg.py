@@ -101,7 +101,17 @@ def test_training_writes_checkpoints_metrics_and_plot(ok_dir, tmp_path):
     lines = (out / "metrics.csv").read_text().splitlines()
     assert len(lines) == 3 and "val_score" in lines[0] and "ceiling" in lines[0]
     ckpt = load_checkpoint(out / "best.pt")
-    assert ckpt["config"]["synth"]["size"] == 64 and ckpt["epoch"] == summary["best_epoch"]
+    scores = [float(line.split(",")[lines[0].split(",").index("val_score")]) for line in lines[1:]]
+    best = int(max(range(len(scores)), key=lambda e: (scores[e], -e)))  # the first epoch with the top score
+    assert ckpt["config"]["synth"]["size"] == 64 and ckpt["epoch"] == best == summary["best_epoch"]
+    assert ckpt["best"] == pytest.approx(scores[best], abs=1e-5)
+    # best.pt holds what prediction needs; the optimiser and RNG state for --resume stay in last.pt
+    last = load_checkpoint(out / "last.pt")
+    assert "optimizer" not in ckpt and "rng" not in ckpt and "optimizer" in last and "rng" in last
+    assert (out / "best.pt").stat().st_size < 0.6 * (out / "last.pt").stat().st_size
+    from core import __version__
+
+    assert ckpt["toolkit_version"] == __version__
     assert any("difficulty ceiling 0.40" in m for m in logs) and any("difficulty ceiling 0.47" in m for m in logs)
     # the real checkpoint through the inference path: same logits as the trained module, for crops and tiles
     import numpy as np
@@ -130,6 +140,30 @@ def test_training_from_a_generated_folder_respects_the_curriculum(ok_dir, tmp_pa
     cfg = tiny_config(ok_dir, tmp_path / "run", synth_dir=str(tmp_path / "gen"), epochs=1)
     summary = train(cfg, log=lambda m: None)
     assert summary["epochs"] == 1 and (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_generated_folder_validates_on_its_own_held_out_sources(ok_dir, tmp_path):
+    import shutil
+
+    from seg.train import Trainer
+    from synth.engine import SynthConfig
+    from synth.generate import generate
+
+    gen = tmp_path / "gen"
+    generate(ok_dir, gen, 16, SynthConfig(size=64, normal_ratio=0.5), seed=0, holdout=0.4, holdout_seed=1)
+    held = __import__("json").loads((gen / "run.json").read_text())["held_out"]
+    other = tmp_path / "other"  # the config names other OK images (data.root, data.ok_dir): the folder wins
+    other.mkdir()
+    shutil.copy(ok_dir / "ok_0.png", other / "x.png")
+    cfg = tiny_config(other, tmp_path / "run", synth_dir=str(gen))
+    warnings = []
+    trainer = Trainer(cfg, log=lambda m: None, warn=warnings.append)
+    assert trainer.pool.root == ok_dir.resolve() and trainer.held_out.paths == held
+    assert trainer.cfg["data"]["ok_dir"] == str(ok_dir.resolve()) and trainer.cfg["synth"]["normal_ratio"] == 0.5
+    assert not warnings and not set(trainer.pool.paths) & set(held)
+    (ok_dir / "ok_9.png").write_bytes((ok_dir / "ok_0.png").read_bytes())  # the source changed: split moved
+    with pytest.raises(InputError, match="changed since the folder was generated"):
+        Trainer(cfg, log=lambda m: None)
 
 
 def test_resume_continues_exactly(ok_dir, tmp_path):
@@ -182,16 +216,50 @@ def test_bad_config_key_fails_with_a_clear_message(tmp_path):
     assert r.returncode == 2 and "unknown key 'train.epoch'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ddp_on_two_cpu_processes(ok_dir, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    run = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.run([run, "--nproc_per_node", "2", "--master_port", str(free_port()), *args],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+TINY = ["synth.size=64", "model.arch=unet", "model.weights=none", "model.decoder_channels=[16,16,8,8,8]",
+        "train.steps_per_epoch=2", "train.batch_size=2", "train.val_n=4", "train.epochs=2"]
+
+
+@pytest.mark.parametrize("source", ["on-the-fly", "folder"])
+def test_ddp_ranks_draw_their_own_samples_and_end_with_equal_weights(ok_dir, tmp_path, source):
+    import json
+
+    sets = [f"data.ok_dir={ok_dir}", *TINY]
+    if source == "folder":  # from a `synth generate` folder, with a head that gets no loss (unused parameters)
+        from synth.engine import SynthConfig
+        from synth.generate import generate
+
+        generate(ok_dir, tmp_path / "gen", 24, SynthConfig(size=64), seed=0, holdout=0.2)
+        sets += [f"train.synth_dir={tmp_path / 'gen'}", "train.image_loss_weight=0"]
     out = tmp_path / "ddp"
-    r = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "cli.py"), "seg", "train",
-         "-s", f"data.ok_dir={ok_dir}", "-s", "synth.size=64", "-s", "model.arch=unet",
-         "-s", "model.weights=none",
-         "-s", "model.decoder_channels=[16,16,8,8,8]", "-s", "train.steps_per_epoch=2", "-s", "train.batch_size=2",
-         "-s", "train.val_n=4", "-s", "train.epochs=1", "-o", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun([str(ROOT / "tests" / "helpers" / "ddp_probe.py"), str(out), *sets])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1))
+    for e0, e1 in zip(r0["drawn"], r1["drawn"]):  # each epoch, each rank its own samples
+        assert len(e0) == len(e1) == 2 * 2 and not set(e0) & set(e1)
+    assert len(r0["drawn"]) == 2
+    assert r0["weights"] == r1["weights"]  # gradients averaged: one model
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_ddp_through_the_cli(ok_dir, tmp_path):
+    out = tmp_path / "ddp"
+    sets = [a for kv in [f"data.ok_dir={ok_dir}", *TINY[:-1], "train.epochs=1"] for a in ("-s", kv)]
+    r = torchrun([str(ROOT / "cli.py"), "seg", "train", *sets, "-o", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "last.pt").exists() and len((out / "metrics.csv").read_text().splitlines()) == 2
 

@@ -20,6 +20,10 @@ from synth.shapes import SHAPES, BezierStroke, ElasticWarp
 from synth.structural import Displacement
 
 
+def engine_for(ok_dir, **cfg):
+    return DefectSynthesizer(SynthConfig(**cfg))
+
+
 def draws(ok_dir, n=120, seed=0, **cfg):
     engine = DefectSynthesizer(SynthConfig(**cfg))
     pool = SourcePool(ok_dir, engine.config.channels, engine.config.size)
@@ -40,8 +44,11 @@ def test_defective_samples_have_masks_and_normals_stay_untouched(ok_dir):
         if rec["normal"]:
             assert not mask.any() and np.array_equal(image, crop)
         else:
-            assert mask.sum() == rec["mask_area"] > 0 and 0 <= rec["difficulty"] <= 1
-            assert np.abs(image.astype(int) - crop)[mask > 0].mean() >= 1  # the labelled pixels changed
+            assert 0 <= rec["difficulty"] <= 1
+            replayed = engine_for(ok_dir, normal_ratio=0.3).render(rec, SourcePool(ok_dir))
+            assert np.array_equal(replayed[1], mask) and rec["mask_area"] == int(replayed[1].sum()) > 0
+            if len(rec["defects"]) == 1:  # a labelled defect is visible: its mean change reaches min_contrast
+                assert np.abs(image.astype(int) - crop)[mask > 0].mean() >= SynthConfig().min_contrast
 
 
 def test_image_unchanged_outside_slightly_dilated_mask(ok_dir):
@@ -98,10 +105,11 @@ def test_each_family_runs_and_gives_its_kind_of_mask():
             if name == "bezier_stroke":  # thin: nowhere thicker than its width
                 thick = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, 5).max()
                 assert m.sum() > 0 and thick <= round(p["width"]) / 2 + 2
-            if name == "gaussian" and m.any():  # centred on its mean
+            assert m.any(), name  # every family draws something (none of the 5 x 200 seeded draws is empty)
+            if name == "gaussian":  # centred on its mean
                 ys, xs = np.nonzero(m)
                 assert math.dist((xs.mean(), ys.mean()), p["mean"]) < 3 * max(p["sigma"]) + p["grow"]
-            if name == "perlin" and m.any():  # inside its window
+            if name == "perlin":  # inside its window
                 ys, xs = np.nonzero(m)
                 d = np.hypot(xs - p["center"][0], ys - p["center"][1])
                 assert d.max() < 4 * p["window"]
@@ -228,3 +236,36 @@ def test_cli_generate_preview_and_errors(ok_dir, tmp_path):
     assert r.returncode == 2 and "missing: folder does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("synth", "generate", "--source", str(ok_dir), "--out", str(out), "-s", "synth.familes={}")
     assert r.returncode == 2 and "unknown key 'synth.familes'" in r.stderr and "did you mean 'families'" in r.stderr
+
+
+def test_seed_streams_of_generate_validation_and_training_never_coincide(ok_dir):
+    """numpy pads seed lists with zeros: untagged, `synth generate --seed 12345` reproduced the validation set."""
+    from seg.train import synthetic_val_set
+    from synth.dataset import SynthDataset
+    from synth.streams import GENERATE, TAGS, TRAIN, VALIDATION, stream
+
+    engine, pool = DefectSynthesizer(SynthConfig(size=64)), SourcePool(ok_dir, 1, 64)
+    val_images, _ = synthetic_val_set(engine, pool, 4, 12345)
+    generated = [engine.draw(stream(GENERATE, 12345, i), pool)[0] for i in range(4)]
+    trained = SynthDataset(engine, pool, 4, seed=12345)  # seed == val_seed, epoch 0, rank 0
+    for i in range(4):
+        v = (val_images[i, 0].numpy() * 255).round().astype(np.uint8)
+        assert not np.array_equal(v, generated[i])
+        assert not np.array_equal(val_images[i], trained[i]["image"])
+    firsts = {tag: stream(tag, 12345, 0, 0, 0).random() for tag in TAGS.values()}
+    assert len(set(firsts.values())) == len(TAGS)
+    assert stream(TRAIN, 1, 2).random() != stream(VALIDATION, 1, 2).random()
+
+
+def test_generate_keeps_the_held_out_images_out(ok_dir, tmp_path):
+    out = tmp_path / "gen"
+    summary = generate(ok_dir, out, 40, SynthConfig(size=64), seed=0, holdout=0.4, holdout_seed=3)
+    run = json.loads((out / "run.json").read_text())
+    _, held = SourcePool(ok_dir).split(0.4, 3)
+    assert run["held_out"] == held.paths and len(held.paths) == 2 == summary["held_out"]
+    sources = {row["source"] for row in read_jsonl(out / "manifest.jsonl")}
+    assert sources and not sources & set(held.paths) and len(sources) == 3
+    run["format"] = 1  # a folder from the version with untagged streams cannot be resumed into
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(InputError, match="older version"):
+        generate(ok_dir, out, 40, SynthConfig(size=64), seed=0, holdout=0.4, holdout_seed=3)

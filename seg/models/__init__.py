@@ -36,6 +36,8 @@ class Segmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
+    fully_convolutional = True  # any input size (a multiple of 32) works: large images are predicted whole
+
     @property
     def needs_normal(self) -> bool:
         """Whether the architecture holds a normal model to fit on OK crops before training (`fit_normal`)."""

@@ -1,0 +1,1 @@
+"""Benchmarks: the side-by-side tables (run.py), the false-alarm budget sweep, synthesis speed."""

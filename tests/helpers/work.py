@@ -1,0 +1,23 @@
+"""Worker functions for tests/test_robust.py (importable by worker processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def square(chunk: list[int]) -> list[int]:
+    return [i * i for i in chunk]
+
+
+def dies_on_five(chunk: list[int]) -> list[int]:
+    if 5 in chunk:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return square(chunk)
+
+
+def stalls_on_five(chunk: list[int]) -> list[int]:
+    if 5 in chunk:
+        time.sleep(120)
+    return square(chunk)
