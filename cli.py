@@ -255,7 +255,7 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     kw = {"norms": spec["norms"]} if spec else {}
     ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
                                     weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
-                                    tile_overlap=p["tile_overlap"], window=p.get("window", 1024), **kw)
+                                    tile_overlap=p["tile_overlap"], window=p.get("window", 0), **kw)
     return ens, p
 
 
@@ -291,7 +291,7 @@ def ensemble_predict(
     overlays: str = typer.Option("defective", help="Overlay PNGs for: all | defective (judged so) | none."),
     window: Optional[int] = typer.Option(None, min=0, help="Large images: predicted whole in windows of up to this "
                                          "many px when every model is fully convolutional; 0 = tiles of the crop "
-                                         "size (default: predict.window, 1024)."),
+                                         "size (default: predict.window, 0; e.g. 1024)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""

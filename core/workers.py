@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,12 +45,8 @@ def limit_threads(n: int = 1) -> None:
     import cv2
 
     cv2.setNumThreads(n)
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover - torch is a requirement, but synthesis alone does not need it
-        pass
+    if "torch" in sys.modules:  # only where the work uses it (DataLoader workers); synthesis workers never load it
+        sys.modules["torch"].set_num_threads(n)
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[list]:

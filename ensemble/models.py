@@ -9,6 +9,8 @@ before they are merged. A model without a normaliser gives its raw logits (0 = p
 
 from __future__ import annotations
 
+import math
+
 import time
 from pathlib import Path
 from typing import Sequence
@@ -55,7 +57,7 @@ class Ensemble:
                  tta_mode: str = "flip", merge: str = "mean", vote_k: int | None = None,
                  weights: Sequence[float] | None = None, threshold: float = 0.0, batch_size: int = 32,
                  tile_overlap: int = 32, paths: Sequence[str] = (), norms: Sequence[dict | None] | None = None,
-                 window: int = 1024):
+                 window: int = 0):
         """`models` map (B,C,T,T) images in [0,1] to {"mask": logits, "image": logits or None}. `norms`: one
         normaliser per model, `{"pixel": [center, scale], "image": [center, scale] or None}`, or None (raw).
         `window`: when every model is fully convolutional, an image larger than the crop is predicted whole, in
@@ -226,12 +228,12 @@ class Ensemble:
         if ph or pw:
             arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="reflect")
         H, W = arr.shape[:2]
-        win_h, win_w = min(self.window, H), min(self.window, W)
+        (win_h, ys), (win_w, xs) = self._windows(H), self._windows(W)
         total = np.zeros((len(self.models), H, W), np.float32)
         count = np.zeros((H, W), np.float32)
         heads = []
-        for y in self._starts(H, win_h, 2 * self.overlap):
-            for x in self._starts(W, win_w, 2 * self.overlap):
+        for y in ys:
+            for x in xs:
                 part = arr[y:y + win_h, x:x + win_w]
                 ph, pw = -win_h % STRIDE, -win_w % STRIDE
                 if ph or pw:
@@ -243,6 +245,16 @@ class Ensemble:
                 if head is not None:
                     heads.append(head[:, 0].numpy())
         return self._merge({"sum": total / count, "count": 1.0, "tiles": 1, "size": (h, w), "head": heads})
+
+    def _windows(self, n: int) -> tuple[int, list[int]]:
+        """(size, starts) of the fewest equal windows of at most `window` px covering [0, n) with at least
+        2 x tile_overlap px of overlap, spread evenly (so little is computed twice)."""
+        if n <= self.window:
+            return n, [0]
+        o = 2 * self.overlap
+        k = math.ceil((n - o) / (self.window - o))
+        size = min(n, math.ceil((n + (k - 1) * o) / k / STRIDE) * STRIDE)
+        return size, sorted({int(round(v)) for v in np.linspace(0, n - size, k)})
 
     def _predict_tiled(self, images: list[np.ndarray]) -> list[dict]:
         t = self.tile

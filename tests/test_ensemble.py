@@ -159,10 +159,12 @@ def test_a_large_image_is_predicted_whole_and_matches_the_tiles_away_from_their_
     direct = Convolutional()(torch.from_numpy(big)[None, None].float() / 255)["mask"][0, 0].detach().numpy()
     inner = np.zeros(big.shape, bool)
     inner[3:-3, 3:-3] = True
-    for y in whole._starts(700, 320, 64):  # the windows' own borders (3 px, the kernel's reach) see padding
-        inner[max(0, y - 3):y + 3] = inner[y + 317:y + 323] = False
-    for x in whole._starts(900, 320, 64):
-        inner[:, max(0, x - 3):x + 3] = inner[:, x + 317:x + 323] = False
+    (wh, ys), (ww, xs) = whole._windows(700), whole._windows(900)
+    assert wh <= 320 and ww <= 320 and len(ys) == 3 and len(xs) == 4  # the fewest windows, spread evenly
+    for y in ys:  # the windows' own borders (3 px, the kernel's reach) see padding
+        inner[max(0, y - 3):y + 3] = inner[y + wh - 3:y + wh + 3] = False
+    for x in xs:
+        inner[:, max(0, x - 3):x + 3] = inner[:, x + ww - 3:x + ww + 3] = False
     assert np.allclose(a["map"][inner], direct[inner], atol=1e-5)
     far = np.zeros(big.shape, bool)  # away from every tile border of the tiled path too
     for y, x in tiled.tiles(700, 900):

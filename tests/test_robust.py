@@ -130,13 +130,15 @@ def test_generate_killed_at_random_moments_resumes_to_the_same_bytes(ok_dir, tmp
     full = tmp_path / "full"
     duration = run_ok(cli(*args, "-o", full))
     part = tmp_path / "part"
+    killed = []
     for delay in delays(duration, 1):
-        run_killed(cli(*args, "-o", part), delay)
+        killed.append(run_killed(cli(*args, "-o", part), delay))
         for row in read_jsonl(part / "manifest.jsonl"):  # no manifest line without its files
             assert read_image(part / "images" / f"{row['id']}.png").shape == (64, 64)
             assert read_image(part / "masks" / f"{row['id']}.png").shape == (64, 64)
         for p in visible_files(part / "images") if (part / "images").exists() else []:  # never half a file
             assert p.suffix == ".png" and cv2.imread(str(p), cv2.IMREAD_UNCHANGED) is not None, p
+    assert any(killed)  # at least one kill landed while it ran
     run_ok(cli(*args, "-o", part))
     for p in visible_files(full):
         if p.name != "run.json":
@@ -154,10 +156,12 @@ TRAIN = ["-s", "synth.size=64", "-s", "model.arch=unet", "-s", "model.weights=no
 def test_training_killed_at_random_moments_resumes_to_the_same_weights(ok_dir, tmp_path):
     args = ["seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN]
     duration = run_ok(cli(*args, "-o", tmp_path / "full"))
+    killed = []
     for delay in delays(duration, 2):
-        run_killed(cli(*args, "-o", tmp_path / "part", "--resume"), delay)
+        killed.append(run_killed(cli(*args, "-o", tmp_path / "part", "--resume"), delay))
         if (tmp_path / "part" / "last.pt").exists():  # a checkpoint on disk is always a whole one
             load_model_file(tmp_path / "part" / "last.pt")
+    assert any(killed)
     run_ok(cli(*args, "-o", tmp_path / "part", "--resume"))
     a, b = (load_model_file(tmp_path / d / "last.pt") for d in ("full", "part"))
     assert a["epoch"] == b["epoch"] == 2
@@ -193,10 +197,12 @@ def fitted(tmp_path_factory):
 @pytest.mark.faults
 def test_baseline_fit_killed_at_random_moments_leaves_a_whole_file_or_none(fitted, tmp_path):
     part = tmp_path / "part.pt"
+    killed = []
     for delay in delays(fitted["duration"], 3):
-        run_killed(cli(*fitted["args"], "-o", part), delay)
+        killed.append(run_killed(cli(*fitted["args"], "-o", part), delay))
         if part.exists():
             load_model_file(part)
+    assert any(killed)
     run_ok(cli(*fitted["args"], "-o", part))
     a, b = load_model_file(fitted["model"]), load_model_file(part)
     for k, v in a["state"].items():
@@ -212,10 +218,12 @@ def test_predict_killed_at_random_moments_gives_the_same_submission(fitted, tmp_
               if p.parent.name in ("submission", "masks")}
     assert any(p.parent.name == "submission" for p in before)
     part = tmp_path / "part"
+    killed = []
     for delay in delays(duration, 4):
-        run_killed(cli(*args, "-o", part), delay)
+        killed.append(run_killed(cli(*args, "-o", part), delay))
         if part.exists():  # the output folder is always a whole, published one
             assert (part / "predict.json").exists() and (part / "submission.zip").exists()
+    assert any(killed)
     run_ok(cli(*args, "-o", part))
     after = {p.relative_to(part): p.read_bytes() for p in visible_files(part) if p.parent.name in ("submission",
                                                                                                       "masks")}
