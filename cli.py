@@ -217,45 +217,25 @@ EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `
 
 def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto",
                    calibrating: bool = False):
-    """(Ensemble, params): settings from the first checkpoint's config <- its calibration (one model file) or
-    ensemble.json <- command-line flags. `calibrating`: the caller fits new thresholds, no warnings about old ones."""
-    from core.modelfile import load_model_file
-    from ensemble.models import Ensemble
-    from core.io import read_json_file
+    """`ensemble.models.build_ensemble` with the CLI's warnings."""
+    from ensemble.models import build_ensemble as build
 
-    spec = read_json_file(ensemble_file) if ensemble_file else {}
-    if spec and "norms" not in spec:
-        raise InputError(f"{ensemble_file}: written by an older version (thresholds on a probability scale); "
-                         "re-run `ensemble calibrate` to make it")
-    paths = list(checkpoint or spec.get("checkpoints") or [])
-    if not paths:
-        raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
-    if spec and checkpoint and [str(x) for x in checkpoint] != [str(x) for x in spec["checkpoints"]]:
-        raise InputError(f"{ensemble_file} was calibrated for {spec['checkpoints']}; give no --checkpoint with it, "
-                         "or calibrate the new set with `ensemble calibrate`")
-    first = load_model_file(paths[0])
-    p = dict(first["config"]["predict"])
-    cal = first.get("calibration")
-    calibrated_tta = spec.get("tta") if spec else (cal["tta"] if cal and len(paths) == 1 else None)
-    if cal and not spec and len(paths) == 1:  # a calibrated model file: its operating point and its TTA
-        p.update(cal["params"], tta=cal["tta"])
-    elif not spec and len(paths) > 1 and not calibrating:
-        warn(f"{len(paths)} models without an ensemble.json: each map is standardised by its own file's "
-             "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
-    p.update(spec.get("params", {}))
-    for key in ("tta", "merge", "vote_k", "weights"):
-        if key in spec:
-            p[key] = spec[key]
-    for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
-        if value is not None:
-            p[key] = value
-    if calibrated_tta is not None and p["tta"] != calibrated_tta and not calibrating:
-        warn(f"--tta {p['tta']}: the thresholds were calibrated with tta {calibrated_tta}; re-calibrate for "
-             "the best operating point")
-    kw = {"norms": spec["norms"]} if spec else {}
-    ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
-                                    weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
-                                    tile_overlap=p["tile_overlap"], window=p.get("window", 0), **kw)
+    return build(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides, device, calibrating, warn=warn)
+
+
+def onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict):
+    """An exported ONNX file as the ensemble: its metadata holds the thresholds; TTA and models are fixed inside."""
+    from ensemble.export import OnnxEnsemble
+
+    if ensemble_file or not checkpoint or len(checkpoint) != 1:
+        raise InputError("--backend onnx: give the one exported file with -m FILE.onnx (`seg export` writes it)")
+    fixed = {"--tta": tta, "--merge": merge, "--vote-k": vote_k, "--weight": weights}
+    given = [k for k, v in fixed.items() if v]
+    if given:
+        raise InputError(f"--backend onnx: {', '.join(given)} are fixed in the exported file; export again instead")
+    ens = OnnxEnsemble(checkpoint[0])
+    p = ens.params()
+    p.update({k: v for k, v in overrides.items() if v is not None and k != "window"})
     return ens, p
 
 
@@ -272,6 +252,24 @@ TtaOpt = typer.Option(None, "--tta", help="none | flip | d4")
 MergeOpt = typer.Option(None, "--merge", help="mean (probabilities) | vote (k-of-n binarised masks)")
 VoteOpt = typer.Option(None, "--vote-k", help="Votes needed with --merge vote (default: majority).")
 WeightsOpt = typer.Option(None, "--weight", help="Per-model weight, in checkpoint order (repeatable).")
+
+
+@seg_app.command("export")
+def seg_export(
+    out: Path = typer.Option(..., "--out", "-o", help="The ONNX file to write."),
+    checkpoint: Optional[List[Path]] = CkptOpt, ensemble_file: Optional[Path] = EnsOpt,
+    tta: Optional[str] = TtaOpt,
+):
+    """Export a model file (segmenter or baseline) or a calibrated ensemble, with its TTA and normalisers, to
+    ONNX; the thresholds go into its metadata. `ensemble predict --backend onnx -m FILE.onnx` runs it."""
+    from ensemble.export import export_onnx
+
+    with user_errors():
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, None, None, None, {}, "cpu")
+        with console.status(f"exporting {len(ens.models)} model(s) x tta {ens.tta_mode} to ONNX"):
+            meta = export_onnx(ens, p, out)
+        console.print(f"wrote {out}: {meta['models']} model(s), tta {meta['tta']}, merge {meta['merge']}, "
+                      f"{meta['tile']} px crops, thresholds {meta['params']}")
 
 
 @ensemble_app.command("predict")
@@ -293,15 +291,22 @@ def ensemble_predict(
                                          "many px when every model is fully convolutional; 0 = tiles of the crop "
                                          "size (default: predict.window, 0; e.g. 1024)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    backend: str = typer.Option("torch", help="torch | onnx (-m FILE.onnx written by `seg export`, run by "
+                                "onnxruntime: CPU, or CUDA when its provider is installed)."),
 ):
     """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""
     from ensemble.predict import run_predict
     from core.io import find_images
 
     with user_errors():
-        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight,
-                                {"threshold": threshold, "image_threshold": image_threshold,
-                                 "min_area": min_area, "opening": opening, "window": window}, device)
+        overrides = {"threshold": threshold, "image_threshold": image_threshold, "min_area": min_area,
+                     "opening": opening, "window": window}
+        if backend == "onnx":
+            ens, p = onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, overrides)
+        elif backend == "torch":
+            ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, overrides, device)
+        else:
+            raise InputError(f"--backend: expected torch or onnx, got {backend!r}")
         src = test_dir(images, part, data)
         n = len(find_images(src))
         with Bar("predict", n) as bar:

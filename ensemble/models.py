@@ -294,3 +294,46 @@ class Ensemble:
             votes = np.tensordot(self.weights * len(self.models), result["per_model"] >= threshold, axes=1)
             return (votes >= self.vote_k - 1e-9).astype(np.uint8)
         return (result["map"] >= threshold).astype(np.uint8)
+
+
+def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto",
+                   calibrating: bool = False, warn=None):
+    """(Ensemble, params): settings from the first checkpoint's config <- its calibration (one model file) or
+    ensemble.json <- command-line flags. `calibrating`: the caller fits new thresholds, no warnings about old ones."""
+    from core.io import read_json_file
+
+    warn = warn or (lambda m: None)
+    spec = read_json_file(ensemble_file) if ensemble_file else {}
+    if spec and "norms" not in spec:
+        raise InputError(f"{ensemble_file}: written by an older version (thresholds on a probability scale); "
+                         "re-run `ensemble calibrate` to make it")
+    paths = list(checkpoint or spec.get("checkpoints") or [])
+    if not paths:
+        raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
+    if spec and checkpoint and [str(x) for x in checkpoint] != [str(x) for x in spec["checkpoints"]]:
+        raise InputError(f"{ensemble_file} was calibrated for {spec['checkpoints']}; give no --checkpoint with it, "
+                         "or calibrate the new set with `ensemble calibrate`")
+    first = load_model_file(paths[0])
+    p = dict(first["config"]["predict"])
+    cal = first.get("calibration")
+    calibrated_tta = spec.get("tta") if spec else (cal["tta"] if cal and len(paths) == 1 else None)
+    if cal and not spec and len(paths) == 1:  # a calibrated model file: its operating point and its TTA
+        p.update(cal["params"], tta=cal["tta"])
+    elif not spec and len(paths) > 1 and not calibrating:
+        warn(f"{len(paths)} models without an ensemble.json: each map is standardised by its own file's "
+             "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
+    p.update(spec.get("params", {}))
+    for key in ("tta", "merge", "vote_k", "weights"):
+        if key in spec:
+            p[key] = spec[key]
+    for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
+        if value is not None:
+            p[key] = value
+    if calibrated_tta is not None and p["tta"] != calibrated_tta and not calibrating:
+        warn(f"--tta {p['tta']}: the thresholds were calibrated with tta {calibrated_tta}; re-calibrate for "
+             "the best operating point")
+    kw = {"norms": spec["norms"]} if spec else {}
+    ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
+                                    weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
+                                    tile_overlap=p["tile_overlap"], window=p.get("window", 0), **kw)
+    return ens, p

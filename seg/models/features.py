@@ -91,7 +91,10 @@ def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, project: int | Non
 
 
 def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096):
-    """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats."""
+    """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats (one chunk
+    when exporting to ONNX, whose graph must not depend on the number of rows)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return torch.cdist(query, bank).topk(k, dim=1, largest=False)
     ds, ix = [], []
     for s in range(0, len(query), chunk):
         d = torch.cdist(query[s:s + chunk], bank)

@@ -1,0 +1,106 @@
+"""ONNX export: every model kind (UNet, UNet 3+, evidence UNet, PatchCore) in one ensemble with flip TTA gives the
+PyTorch maps within 1e-4 and the same submission; the CLI path (`seg export`, `ensemble predict --backend onnx`)
+writes identical files; a file that is not an export is refused in one line."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import textured
+from typer.testing import CliRunner
+
+import cli
+from baseline.patchcore import PatchCore
+from core.io import InputError
+from ensemble.export import OnnxEnsemble, export_onnx
+from ensemble.models import Ensemble
+from ensemble.predict import run_predict
+from seg.models import create_model
+from synth.dataset import crops_tensor
+from synth.engine import SourcePool
+
+SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
+PARAMS = {"threshold": 0.5, "image_threshold": -1.0, "min_area": 3, "opening": 0}
+
+
+def crops_with_pits(n: int) -> list[np.ndarray]:
+    out = []
+    for i in range(n):
+        img = textured(30 + i)[:128, :128].copy()
+        if i % 2:
+            cv2.circle(img, (40 + 5 * i, 60), 6, 12, -1)
+        out.append(img)
+    return out
+
+
+def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_submission(ok_dir, tmp_path):
+    torch.manual_seed(0)
+    pool = SourcePool(ok_dir)
+    normal = crops_tensor(pool.random_crops(16, 0))
+    unet = create_model("unet", "tu-tf_efficientnet_lite0", "none", 1, **SMALL)
+    u3 = create_model("unet3plus", "tu-tf_efficientnet_lite0", "none", 1, **SMALL)
+    ev = create_model("evidence_unet", "tu-tf_efficientnet_lite0", "lite", 1, **SMALL)
+    ev.fit_normal(normal, crops_tensor(pool.random_crops(8, 1)))
+    pc = PatchCore(coreset_ratio=0.1)
+    pc.fit(normal)
+    pc.standardise(crops_tensor(pool.random_crops(8, 2)))
+    norms = [{"pixel": [0.1 * i, 1.0 + i], "image": [0.2, 2.0]} for i in range(4)]
+    ens = Ensemble([unet, u3, ev, pc], 1, 128, "cpu", "flip", norms=norms, threshold=PARAMS["threshold"])
+    meta = export_onnx(ens, PARAMS, tmp_path / "all.onnx")
+    assert meta["models"] == 4 and meta["tta"] == "flip" and meta["params"] == PARAMS and meta["heads"]
+    onnx = OnnxEnsemble(tmp_path / "all.onnx")
+    x = crops_tensor(crops_with_pits(6))
+    (maps, heads), (omaps, oheads) = ens.forward(x), onnx.forward(x)
+    assert maps.shape == omaps.shape == (4, 6, 128, 128)
+    for k, name in enumerate(("unet", "unet3plus", "evidence_unet", "patchcore")):
+        assert torch.allclose(maps[k], omaps[k], atol=1e-4), (name, float((maps[k] - omaps[k]).abs().max()))
+    assert torch.allclose(heads, oheads, atol=1e-4)
+    folder = tmp_path / "TC_Images"
+    folder.mkdir()
+    for i, img in enumerate(crops_with_pits(6)):
+        cv2.imwrite(str(folder / f"c{i}.png"), img)
+    a = run_predict(ens, folder, tmp_path / "torch", PARAMS)
+    b = run_predict(onnx, folder, tmp_path / "onnx", PARAMS)
+    assert a["defective"] == b["defective"] > 0
+    for sub in ("submission", "masks"):
+        files = sorted(p.name for p in (tmp_path / "torch" / sub).iterdir())
+        assert files == sorted(p.name for p in (tmp_path / "onnx" / sub).iterdir())
+        assert all((tmp_path / "torch" / sub / f).read_bytes() == (tmp_path / "onnx" / sub / f).read_bytes()
+                   for f in files)
+
+
+def test_cli_export_and_onnx_backend_write_the_same_submission(tmp_path):
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i))
+    tc = tmp_path / "TC_Images"
+    tc.mkdir()
+    for i, img in enumerate(crops_with_pits(6)):
+        cv2.imwrite(str(tc / f"t{i}.bmp"), img)
+    run = CliRunner()
+    r = run.invoke(cli.app, ["baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok}",
+                             "-s", "baseline.n_train=16", "-s", "baseline.n_val=8", "-s", "calibrate.normal_crops=8",
+                             "-s", "calibrate.synth_n=8", "-o", str(tmp_path / "pc.pt")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(cli.app, ["seg", "export", "-m", str(tmp_path / "pc.pt"), "-o", str(tmp_path / "pc.onnx")])
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
+    for backend, model in (("torch", "pc.pt"), ("onnx", "pc.onnx")):
+        r = run.invoke(cli.app, ["ensemble", "predict", "--backend", backend, "-m", str(tmp_path / model),
+                                 "--images", str(tc), "-o", str(tmp_path / backend)])
+        assert r.exit_code == 0, r.output
+    for sub in ("submission", "masks"):
+        a = {p.name: p.read_bytes() for p in (tmp_path / "torch" / sub).iterdir()}
+        assert a == {p.name: p.read_bytes() for p in (tmp_path / "onnx" / sub).iterdir()}
+    r = run.invoke(cli.app, ["ensemble", "predict", "--backend", "onnx", "-m", str(tmp_path / "pc.pt"),
+                             "--images", str(tc), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "pc.pt: cannot be loaded as ONNX" in r.output and r.exception is not None
+    with pytest.raises(InputError, match="not an ONNX file written by `seg export`"):
+        import onnx
+
+        m = onnx.load(str(tmp_path / "pc.onnx"))
+        del m.metadata_props[:]
+        onnx.save(m, str(tmp_path / "bare.onnx"))
+        OnnxEnsemble(tmp_path / "bare.onnx")
