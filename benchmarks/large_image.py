@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.io import find_images, read_image  # noqa: E402
-from ensemble.models import Ensemble  # noqa: E402
+from core.postprocess import final_mask  # noqa: E402
+from ensemble.models import Ensemble, build_ensemble  # noqa: E402
 
 
 def mosaic(source: Path, h: int, w: int) -> np.ndarray:
@@ -51,9 +52,11 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     w, h = a.size
     image = mosaic(Path(a.source), h, w)
+    params = {"threshold": 0.0, "image_threshold": -1e30, "min_area": 0, "opening": 0}
     if a.model:
         make = lambda window: Ensemble.from_checkpoints([a.model], "auto", tta_mode=a.tta, window=window)  # noqa
         name = a.model
+        params = build_ensemble([a.model], None, a.tta, None, None, None, {}, "cpu")[1]
     else:
         from seg.config import DEFAULTS
         from seg.models import model_from_config
@@ -62,8 +65,7 @@ def main(argv=None) -> dict:
         net = model_from_config({**DEFAULTS["model"], "arch": "unet", "weights": "none"})
         make = lambda window: Ensemble([net], 1, 128, "auto", a.tta, window=window)  # noqa: E731
         name = "untrained default UNet (lite0)"
-    rows = {}
-    maps = {}
+    rows, maps, masks = {}, {}, {}
     for label, window in (("whole", a.window), ("tiled", 0)):
         ens = make(window)
         ens.warmup()
@@ -73,15 +75,20 @@ def main(argv=None) -> dict:
             r = ens.predict([image])[0]
             best = min(best, time.perf_counter() - t)
         maps[label] = r["map"]
+        masks[label] = final_mask(r["map"], r["image"], params) > 0
         rows[label] = {"seconds": best, "mpix_per_s": h * w / 1e6 / best}
     diff = np.abs(maps["whole"] - maps["tiled"])
+    union = (masks["whole"] | masks["tiled"]).sum()
+    iou = float((masks["whole"] & masks["tiled"]).sum() / union) if union else 1.0
     out = {"model": name, "size": f"{w}x{h}", "tta": a.tta, "window": a.window, **rows,
            "speedup": rows["tiled"]["seconds"] / rows["whole"]["seconds"],
-           "map_abs_diff_median": float(np.median(diff)), "map_abs_diff_p99": float(np.quantile(diff, 0.99))}
+           "map_abs_diff_median": float(np.median(diff)), "map_abs_diff_p99": float(np.quantile(diff, 0.99)),
+           "mask_iou": iou, "mask_pixels_equal": float((masks["whole"] == masks["tiled"]).mean())}
     print(f"{name}, {w}x{h}, tta {a.tta}: whole (window {a.window}) {rows['whole']['mpix_per_s']:.2f} MP/s "
           f"({rows['whole']['seconds']:.1f} s), tiled {rows['tiled']['mpix_per_s']:.2f} MP/s "
           f"({rows['tiled']['seconds']:.1f} s), x{out['speedup']:.1f}; |whole - tiled| map: median "
-          f"{out['map_abs_diff_median']:.3g}, 99th percentile {out['map_abs_diff_p99']:.3g}")
+          f"{out['map_abs_diff_median']:.3g}, 99th percentile {out['map_abs_diff_p99']:.3g}; masks at the file's "
+          f"thresholds: IoU {iou:.3f}, {100 * out['mask_pixels_equal']:.2f} % of pixels equal")
     return out
 
 

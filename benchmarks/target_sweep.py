@@ -33,10 +33,11 @@ MODELS = {"UNet": ["unet_s0/best.pt"], "Evidence UNet": ["evidence_s0/best.pt"],
           "Hybrid Evidence UNet + PatchCore": ["evidence_s0/best.pt", "patchcore.pt"]}
 
 
-def sweep(part_dir: Path, files: list[str], targets: list[float]) -> dict[bool, list[float]]:
+def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: str = "flip",
+          balances: tuple = (False, True)) -> dict[bool, list[float]]:
     paths = [str(part_dir / f) for f in files]
     cfg = load_model_file(paths[0])["config"]
-    tta = load_model_file(paths[0]).get("calibration", {}).get("tta", "none") if len(paths) == 1 else "none"
+    tta = load_model_file(paths[0]).get("calibration", {}).get("tta", "none") if len(paths) == 1 else hybrid_tta
     ens = Ensemble.from_checkpoints(paths, "auto", tta_mode=tta, norms=[None] * len(paths))
     c = cfg["calibrate"]
     pool, _ = calibration_pools(cfg)
@@ -47,7 +48,7 @@ def sweep(part_dir: Path, files: list[str], targets: list[float]) -> dict[bool, 
     test = competition_dir(cfg["data"]["root"], cfg["part"], "TC_Images")
     paths_t, _, gt = load_ground_truth(test)
     res_t = ens.predict([read_image(p, ens.channels) for p in paths_t])
-    out = {False: [], True: []}
+    out = {b: [] for b in balances}
     for balance in out:
         for t in targets:
             best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance)
@@ -64,8 +65,11 @@ def main(argv=None) -> None:
     ap.add_argument("--targets", default="0.01,0.02,0.05,0.1,0.2")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--parts", default=None, help="comma-separated part folders of --bench (default: all)")
+    ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"))
+    ap.add_argument("--no-balance", action="store_true", help="skip the size-balanced escape variant (faster)")
     a = ap.parse_args(argv)
     targets = [float(t) for t in a.targets.split(",")]
+    balances = (False,) if a.no_balance else (False, True)
     bench = Path(a.bench)
     parts = sorted(p for p in bench.iterdir() if (p / "steps.json").exists())
     if a.parts:
@@ -73,16 +77,16 @@ def main(argv=None) -> None:
     lines = ["| method | escape over sizes | part | " + " | ".join(f"{t:g}" for t in targets) + " |",
              "|" + "---|" * (len(targets) + 3)]
     for name in a.models.split(","):
-        per_part = {part.name: sweep(part, MODELS[name], targets) for part in parts
+        per_part = {part.name: sweep(part, MODELS[name], targets, a.hybrid_tta, balances) for part in parts
                     if all((part / f).exists() for f in MODELS[name])}
-        for balance in (False, True):
+        for balance in balances:
             label = "balanced" if balance else "pooled"
             for part, scores in per_part.items():
                 lines.append(f"| {name} | {label} | {part} | " + " | ".join(f"{s:.3f}" for s in scores[balance]) + " |")
             if per_part:
                 mean = np.mean([scores[balance] for scores in per_part.values()], 0)
                 lines.append(f"| {name} | {label} | **mean** | " + " | ".join(f"{s:.3f}" for s in mean) + " |")
-        print("\n".join(lines[-2 * (len(per_part) + 1):]), flush=True)
+        print("\n".join(lines[-len(balances) * (len(per_part) + 1):]), flush=True)
     atomic_write_bytes(bench / "target_sweep.md", ("\n".join(lines) + "\n").encode())
 
 

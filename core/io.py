@@ -76,7 +76,10 @@ def convert_channels(img: np.ndarray, channels: int, path: str | Path = "") -> n
 def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
     """Read an image as uint8 gray or BGR; raise InputError naming the file if it cannot be decoded."""
     path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+    except OSError as e:  # no read permission, a device error, ...
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
     if data is None:
         raise InputError(f"{path}: file does not exist")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None

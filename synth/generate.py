@@ -100,12 +100,16 @@ def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, s
 
 
 def _consume(results, f, progress) -> None:
+    """Append manifest lines in batches; whatever finished is listed even when a worker error or Ctrl-C ends the
+    run (its files were written before its result came back)."""
     batch = []
-    for row in results:
-        batch.append(row)
-        if progress:
-            progress(1)
-        if len(batch) >= 64:
-            append_jsonl(f, batch)
-            batch = []
-    append_jsonl(f, batch)
+    try:
+        for row in results:
+            batch.append(row)
+            if progress:
+                progress(1)
+            if len(batch) >= 64:
+                append_jsonl(f, batch)
+                batch = []
+    finally:
+        append_jsonl(f, batch)

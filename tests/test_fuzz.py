@@ -38,6 +38,11 @@ def make_odd(folder: Path, kind: str) -> Path | None:
         p = folder / "odd_truncated.jpg"
         data = png_bytes(base, ".jpg")
         p.write_bytes(data[: len(data) // 3])
+    elif kind in ("truncated_bmp", "truncated_tiff"):
+        ext = ".bmp" if kind == "truncated_bmp" else ".tif"
+        p = folder / f"odd_{kind}{ext}"
+        data = png_bytes(base, ext)
+        p.write_bytes(data[: len(data) // 2])
     elif kind == "corrupt":
         p.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     elif kind == "empty":
@@ -77,7 +82,7 @@ def make_odd(folder: Path, kind: str) -> Path | None:
     return p
 
 
-KINDS = ["truncated_png", "truncated_jpeg", "corrupt", "empty", "one_pixel", "very_long", "sixteen_bit",
+KINDS = ["truncated_png", "truncated_jpeg", "truncated_bmp", "truncated_tiff", "corrupt", "empty", "one_pixel", "very_long", "sixteen_bit",
          "float_tiff", "rgba", "palette", "non_utf8_name", "space_name", "symlink_loop",
          "directory_named_like_an_image", "unreadable"]
 FINE = {"one_pixel", "very_long", "sixteen_bit", "rgba", "palette", "non_utf8_name", "space_name",
@@ -112,7 +117,38 @@ def one_line_error(out: str, *names: str) -> bool:
 
 def skip_unreadable_as_root(kind: str) -> None:
     if kind == "unreadable" and os.geteuid() == 0:
-        pytest.skip("running as root: permissions do not stop reading")
+        pytest.skip("running as root: permissions do not stop reading (see the simulated case)")
+
+
+@pytest.fixture
+def deny_odd_reads(monkeypatch):
+    """What a file without read permission gives a non-root user, simulated (the tests may run as root)."""
+    import core.io
+
+    real = core.io.np.fromfile
+
+    def fromfile(path, *a, **k):
+        if "odd_denied" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(core.io.np, "fromfile", fromfile)
+
+
+def test_a_file_without_read_permission_is_named_simulated(tmp_path, deny_odd_reads, model):
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    for i in range(GOOD):
+        cv2.imwrite(str(ok / f"good_{i}.png"), textured(i))
+    cv2.imwrite(str(ok / "odd_denied.png"), textured(9))
+    code, out = invoke("synth", "generate", "--source", ok, "-o", tmp_path / "gen", "-n", 4, "-s", "synth.size=64")
+    assert code == 0 and "warning" in out and "odd_denied.png: cannot be read (Permission denied)" in out, out
+    tc = tmp_path / "TC_Images"
+    tc.mkdir()
+    cv2.imwrite(str(tc / "t0.bmp"), textured(0)[:128, :128])
+    cv2.imwrite(str(tc / "odd_denied.bmp"), textured(1)[:128, :128])
+    code, out = invoke("ensemble", "predict", "-m", model, "--images", tc, "-o", tmp_path / "pred", "--tta", "none")
+    assert code == 2 and one_line_error(out, "odd_denied.bmp", "Permission denied"), out
 
 
 @pytest.mark.parametrize("kind", KINDS)
