@@ -34,3 +34,28 @@ def ok_dir(tmp_path: Path) -> Path:
     for i in range(5):
         cv2.imwrite(str(d / f"ok_{i}.png"), textured(i))
     return d
+
+
+def write_ok_images(folder: Path, n: int = 5) -> Path:
+    """n tile-like OK images (seeds 0..n-1) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"ok_{i}.png"), textured(i))
+    return folder
+
+
+def write_test_crops(folder: Path, n: int, pit_every: int = 2, ext: str = ".bmp") -> Path:
+    """n 128x128 test crops in `folder`, every `pit_every`-th one (from the second) with a dark pit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = textured(30 + i)[:128, :128].copy()
+        if i % pit_every == 1:
+            cv2.circle(img, (40 + 5 * (i % 8), 60), 6, 12, -1)
+        cv2.imwrite(str(folder / f"t{i:02d}{ext}"), img)
+    return folder
+
+
+def tiny_patchcore_args(ok: Path) -> list[str]:
+    """`baseline fit` arguments for a PatchCore that fits in seconds."""
+    return ["baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok}", "-s", "baseline.n_train=16",
+            "-s", "baseline.n_val=8", "-s", "calibrate.normal_crops=8", "-s", "calibrate.synth_n=8"]

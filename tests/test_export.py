@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import textured
+from conftest import textured, tiny_patchcore_args, write_ok_images, write_test_crops
 from typer.testing import CliRunner
 
 import cli
@@ -72,18 +72,10 @@ def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_subm
 
 
 def test_cli_export_and_onnx_backend_write_the_same_submission(tmp_path):
-    ok = tmp_path / "ok"
-    ok.mkdir()
-    for i in range(4):
-        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i))
-    tc = tmp_path / "TC_Images"
-    tc.mkdir()
-    for i, img in enumerate(crops_with_pits(6)):
-        cv2.imwrite(str(tc / f"t{i}.bmp"), img)
+    ok = write_ok_images(tmp_path / "ok", 4)
+    tc = write_test_crops(tmp_path / "TC_Images", 6)
     run = CliRunner()
-    r = run.invoke(cli.app, ["baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok}",
-                             "-s", "baseline.n_train=16", "-s", "baseline.n_val=8", "-s", "calibrate.normal_crops=8",
-                             "-s", "calibrate.synth_n=8", "-o", str(tmp_path / "pc.pt")])
+    r = run.invoke(cli.app, [*tiny_patchcore_args(ok), "-o", str(tmp_path / "pc.pt")])
     assert r.exit_code == 0, r.output
     r = run.invoke(cli.app, ["seg", "export", "-m", str(tmp_path / "pc.pt"), "-o", str(tmp_path / "pc.onnx")])
     assert r.exit_code == 0 and "wrote" in r.output, r.output

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, textured
+from conftest import ROOT, textured, tiny_patchcore_args, write_ok_images
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -82,8 +82,8 @@ def make_odd(folder: Path, kind: str) -> Path | None:
     return p
 
 
-KINDS = ["truncated_png", "truncated_jpeg", "truncated_bmp", "truncated_tiff", "corrupt", "empty", "one_pixel", "very_long", "sixteen_bit",
-         "float_tiff", "rgba", "palette", "non_utf8_name", "space_name", "symlink_loop",
+KINDS = ["truncated_png", "truncated_jpeg", "truncated_bmp", "truncated_tiff", "corrupt", "empty", "one_pixel",
+         "very_long", "sixteen_bit", "float_tiff", "rgba", "palette", "non_utf8_name", "space_name", "symlink_loop",
          "directory_named_like_an_image", "unreadable"]
 FINE = {"one_pixel", "very_long", "sixteen_bit", "rgba", "palette", "non_utf8_name", "space_name",
         "directory_named_like_an_image"}  # used (or, for a folder, ignored) without a word
@@ -180,14 +180,8 @@ def test_a_folder_of_only_unreadable_images_is_one_clear_error(kind, tmp_path):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzzmodel")
-    ok = root / "ok"
-    ok.mkdir()
-    for i in range(4):
-        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i))
     path = root / "pc.pt"
-    code, out = invoke("baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok}", "-s",
-                       "baseline.n_train=16", "-s", "baseline.n_val=8", "-s", "calibrate.normal_crops=8",
-                       "-s", "calibrate.synth_n=8", "-o", path)
+    code, out = invoke(*tiny_patchcore_args(write_ok_images(root / "ok", 4)), "-o", path)
     assert code == 0, out
     return path
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, textured
+from conftest import ROOT, tiny_patchcore_args, write_ok_images, write_test_crops
 
 from core.io import InputError, read_image, read_jsonl, write_json
 from core.modelfile import load_model_file
@@ -175,21 +175,11 @@ def test_training_killed_at_random_moments_resumes_to_the_same_weights(ok_dir, t
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A small PatchCore file and a folder of test crops (two with a dark pit)."""
+    """A small PatchCore file and a folder of test crops (some with a dark pit)."""
     root = tmp_path_factory.mktemp("faults")
-    ok = root / "OK_Images"
-    ok.mkdir()
-    for i in range(5):
-        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i))
-    tc = root / "TC_Images"
-    tc.mkdir()
-    for i in range(12):
-        img = textured(20 + i)[:128, :128].copy()
-        if i % 5 == 0:
-            cv2.circle(img, (70, 60), 7, 10, -1)
-        cv2.imwrite(str(tc / f"t{i:02d}.bmp"), img)
-    args = ["baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok}", "-s", "baseline.n_train=24",
-            "-s", "baseline.n_val=8", "-s", "calibrate.normal_crops=16", "-s", "calibrate.synth_n=16"]
+    ok = write_ok_images(root / "OK_Images")
+    tc = write_test_crops(root / "TC_Images", 12, pit_every=5)
+    args = tiny_patchcore_args(ok)
     duration = run_ok(cli(*args, "-o", root / "full.pt"))
     return {"ok": ok, "tc": tc, "args": args, "model": root / "full.pt", "duration": duration}
 
