@@ -157,7 +157,7 @@ def seg_train(
     part: Optional[int] = PartOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     data: Optional[Path] = DataOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (overrides train.out)."),
-    epochs: Optional[int] = typer.Option(None, help="Overrides train.epochs."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Overrides train.epochs."),
     val_dir: Optional[Path] = typer.Option(None, help="Real labelled folder (images + masks beside) for validation."),
     synth_dir: Optional[Path] = typer.Option(None, help="Train on a `synth generate` folder instead of on the fly."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
@@ -233,6 +233,8 @@ def onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overri
     given = [k for k, v in fixed.items() if v]
     if given:
         raise InputError(f"--backend onnx: {', '.join(given)} are fixed in the exported file; export again instead")
+    if overrides.get("window"):
+        raise InputError("--window: not with --backend onnx (the exported graph takes crops of its tile size)")
     ens = OnnxEnsemble(checkpoint[0])
     p = ens.params()
     p.update({k: v for k, v in overrides.items() if v is not None and k != "window"})
@@ -292,7 +294,7 @@ def ensemble_predict(
                                          "size (default: predict.window, 0; e.g. 1024)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     backend: str = typer.Option("torch", help="torch | onnx (-m FILE.onnx written by `seg export`, run by "
-                                "onnxruntime: CPU, or CUDA when its provider is installed)."),
+                                "onnxruntime: CUDA when its provider is installed, else CPU; --device is for torch)."),
 ):
     """Masks, overlays, per-image scores and the competition's submission files (JSONs + zip)."""
     from ensemble.predict import run_predict
@@ -403,7 +405,7 @@ def baseline_predict(
     ensemble_predict(out=out, checkpoint=model, ensemble_file=ensemble_file, images=images, part=part, data=data,
                      tta="none", merge=None, vote_k=None, weight=None, threshold=threshold,
                      image_threshold=image_threshold, min_area=min_area, opening=None, roi=None, zip_prefix=None,
-                     overlays="defective", window=None, device=device)
+                     overlays="defective", window=None, device=device, backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------ bench

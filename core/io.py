@@ -97,7 +97,15 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status); elsewhere read by
+    setting it and putting it straight back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

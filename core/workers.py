@@ -79,8 +79,8 @@ def ordered_map(fn: Callable[[list], list], items: Sequence, workers: int, initi
                 raise WorkerError(f"a worker made no progress for {stall:.0f} s on {describe(c)}; finished work is "
                                   "kept, rerun the same command to resume") from None
             except BrokenProcessPool:
-                raise WorkerError(f"a worker process died (killed or out of memory?) while on {describe(c)}; "
-                                  "finished work is kept, rerun the same command to resume") from None
+                raise WorkerError(f"a worker process died (killed, out of memory, or failed to start) on "
+                                  f"{describe(c)}; finished work is kept, rerun the same command to resume") from None
             nxt = next(chunks, None)
             if nxt is not None:
                 pending.append((nxt, ex.submit(fn, nxt)))

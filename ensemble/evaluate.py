@@ -15,7 +15,7 @@ from core.io import InputError, atomic_write_bytes, encode_png, find_images, rea
 from synth.preview import outline
 
 from core.metrics import average_precision, competition_score, dice_iou, iou, roc_auc
-from .submission import read_submission, record_to_mask
+from .submission import read_submission, record_to_mask, text_name
 
 GT_MASK_DIRS = ("TC_Masks", "masks", "Masks")
 GT_LABEL_DIRS = ("TC_Labels", "labels")
@@ -86,6 +86,7 @@ def load_predictions(pred: str | Path, stems: list[str], shapes) -> tuple[list[n
     if (pred / "scores.csv").exists():
         with open(pred / "scores.csv") as f:
             scores = {r["stem"]: float(r["image_score"]) for r in csv.DictReader(f)}
+        scores = {s: scores[text_name(s)] for s in stems if text_name(s) in scores}  # CSV stems are text
     return masks, probs, scores
 
 
@@ -131,6 +132,7 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         return None
     with open(pred_dir / "scores.csv") as f:
         heads = {r["stem"]: (float(r["image_head"]) if r.get("image_head") else None) for r in csv.DictReader(f)}
+    heads = {s: heads.get(text_name(s)) for s in stems}  # CSV stems are text (see ensemble.submission.text_name)
     maps = maps if maps is not None else [load_map(pred_dir / "maps" / f"{s}.npy") for s in stems]
     results = [{"map": m, "image": heads.get(s)} for m, s in zip(maps, stems)]
     params = summary.get("params", {})

@@ -94,7 +94,8 @@ def export_onnx(ens: Ensemble, params: dict, out: str | Path, opset: int = 17) -
             batch = torch.export.Dim("batch", min=1, max=4096)
             model = torch.onnx.export(graph, (x,), input_names=["image"], output_names=names, opset_version=opset,
                                       dynamic_shapes=({0: batch},), dynamo=True, verbose=False).model_proto
-    meta = {"version": __version__, "channels": ens.channels, "tile": ens.tile, "tta": ens.tta_mode,
+    meta = {"version": __version__, "channels": ens.channels, "tile": ens.tile, "tile_overlap": ens.overlap,
+            "tta": ens.tta_mode,
             "merge": ens.merge, "vote_k": ens.vote_k, "weights": [float(w) for w in ens.weights],
             "models": len(ens.models), "heads": heads, "checkpoints": [Path(p).name for p in ens.paths],
             "params": {k: params[k] for k in ("threshold", "image_threshold", "min_area", "opening") if k in params},
@@ -110,7 +111,7 @@ class OnnxEnsemble(Ensemble):
     """An exported file run by onnxruntime (CPU, or CUDA when its provider is present), through the same tiling,
     merge and post-processing as `Ensemble`."""
 
-    def __init__(self, path: str | Path, batch_size: int = 32, tile_overlap: int = 32):
+    def __init__(self, path: str | Path, batch_size: int = 32, tile_overlap: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -131,7 +132,8 @@ class OnnxEnsemble(Ensemble):
         n = meta["models"]
         super().__init__([nn.Identity()] * n, meta["channels"], meta["tile"], "cpu", "none", merge=meta["merge"],
                          vote_k=meta["vote_k"], weights=meta["weights"], threshold=meta["params"].get("threshold", 0),
-                         batch_size=batch_size, tile_overlap=tile_overlap, paths=[str(path)])
+                         batch_size=batch_size, paths=[str(path)],
+                         tile_overlap=meta.get("tile_overlap", 32) if tile_overlap is None else tile_overlap)
         self.tta_mode = meta["tta"]  # inside the graph
 
     def params(self) -> dict:

@@ -251,7 +251,7 @@ class Ensemble:
         2 x tile_overlap px of overlap, spread evenly (so little is computed twice)."""
         if n <= self.window:
             return n, [0]
-        o = 2 * self.overlap
+        o = min(2 * self.overlap, self.window // 2)
         k = math.ceil((n - o) / (self.window - o))
         size = min(n, math.ceil((n + (k - 1) * o) / k / STRIDE) * STRIDE)
         return size, sorted({int(round(v)) for v in np.linspace(0, n - size, k)})

@@ -40,13 +40,32 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def recover(out: Path) -> None:
     """Clean up after a run killed mid-way: put back a previous output caught between the two renames of
-    `publish`, and remove what the killed run was writing."""
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    `publish`, and remove what killed runs were writing. Folders of a run still alive (another `ensemble predict`
+    aimed at the same output) are left alone."""
+    def leftovers(kind: str) -> list[Path]:
+        found = []
+        for p in out.parent.iterdir():
+            head, _, pid = p.name.rpartition("-")
+            if head == f".{out.name}.{kind}" and pid.isdigit() and not _alive(int(pid)):
+                found.append(p)
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
+    olds = leftovers("old")
     if olds and not out.exists():
         os.replace(olds.pop(), out)
-    for stale in olds + list(out.parent.glob(f".{out.name}.partial-*")):
+    for stale in olds + leftovers("partial"):
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -53,7 +53,7 @@ def write_zip(json_dir: Path, zip_path: Path, prefix: str) -> None:
     """Zip the JSONs under `prefix/` (the folder layout the competition's upload expects)."""
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(json_dir.glob("*.json")):
-            z.write(p, f"{prefix.strip('/')}/{p.name}")
+            z.write(p, f"{prefix.strip('/')}/{text_name(p.name)}")
 
 
 def text_name(name: str) -> str:

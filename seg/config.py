@@ -90,6 +90,8 @@ def check_values(cfg: dict, where: str) -> None:
     for key in UNIT:
         if not 0 <= _get(cfg, key) <= 1:
             raise InputError(f"{where}: {key} must be between 0 and 1, got {_get(cfg, key)!r}")
+    if cfg["calibrate"]["target_overkill"] >= 1:
+        raise InputError(f"{where}: calibrate.target_overkill must be below 1 (a false-alarm budget)")
     if cfg["data"]["holdout"] >= 1:
         raise InputError(f"{where}: data.holdout must be below 1 (some OK images must remain to train on)")
     if cfg["model"]["coreset_ratio"] <= 0 or cfg["baseline"]["coreset_ratio"] <= 0:

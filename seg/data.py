@@ -47,8 +47,9 @@ class SeededAugment:
 
 def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> dict:
     """The config to train from a `synth generate` folder: its OK images, held-out split and synthesis settings
-    replace `data.*` and `synth.*`, so validation and calibration draw on the folder's own held-out images (never
-    on images its samples came from). A folder whose source changed since, or with no `run.json`, is refused."""
+    replace `data.*` and `synth.*` (so `-s synth.*` settings are the folder's, not the command line's), and
+    validation and calibration draw on the folder's own held-out images (never on images its samples came from). A
+    folder whose source changed since, whose channels differ from the model's, or with no `run.json`, is refused."""
     import copy
 
     from core.io import read_json_file
@@ -61,6 +62,9 @@ def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> dict:
     missing = [k for k in ("source", "config") if k not in run]
     if missing:
         raise InputError(f"{run_file}: not a `synth generate` run file (no {', '.join(missing)})")
+    if run["config"].get("channels", 1) != cfg["model"]["in_channels"]:
+        raise InputError(f"{run_file}: the folder's images have {run['config'].get('channels', 1)} channel(s), "
+                         f"the model takes {cfg['model']['in_channels']} (set model.in_channels to match)")
     out = copy.deepcopy(cfg)
     out["synth"] = run["config"]
     out["data"].update(ok_dir=run["source"], holdout=run.get("holdout", 0.0),

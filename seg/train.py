@@ -67,7 +67,7 @@ def _watched(loader: DataLoader, epoch: int):
             return
         except RuntimeError as e:
             text = str(e)
-            if "DataLoader worker" in text or "timed out" in text:
+            if "exited unexpectedly" in text or "killed by signal" in text or "timed out" in text:
                 raise WorkerError(f"epoch {epoch}: a data worker died or stalled ({text.splitlines()[0]}); "
                                   "rerun with --resume to continue from the last finished epoch") from None
             raise

@@ -376,3 +376,51 @@ def test_predict_roi_auto_keeps_masks_inside_each_images_bright_part(tmp_path):
     roi = cv2.imread(str(tmp_path / "roi" / "masks" / "a.png"), 0) > 0
     assert plain[:, :40].all() and not roi[:, :40].any()
     assert roi[64, 90] and roi.sum() == pytest.approx(np.pi * 36, rel=0.35)
+
+
+def test_non_utf8_names_reach_the_zip_and_evaluation_as_text(tmp_path):
+    import os
+    import zipfile
+
+    from ensemble.evaluate import load_predictions
+    from ensemble.submission import text_name, write_zip
+
+    sub = tmp_path / "pred" / "submission"
+    sub.mkdir(parents=True)
+    raw = os.fsdecode(b"odd_\xff")  # what the OS gives for a name that is not UTF-8
+    mask = np.zeros((4, 4), np.uint8)
+    mask[1, 2] = 1
+    (sub / f"{raw}.json").write_text(__import__("json").dumps(mask_to_record(mask, text_name(raw))))
+    write_zip(sub, tmp_path / "pred" / "submission.zip", "data/TC")
+    assert zipfile.ZipFile(tmp_path / "pred" / "submission.zip").namelist() == ["data/TC/odd_\\xff.json"]
+    (tmp_path / "pred" / "scores.csv").write_text(f"stem,image_score\n{text_name(raw)},2.5\n")
+    masks, _, scores = load_predictions(tmp_path / "pred", [raw], [(4, 4)])
+    assert scores == {raw: 2.5} and np.array_equal(masks[0], mask)
+
+
+def test_predict_leaves_the_folders_of_a_live_run_alone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ensemble.predict import recover
+
+    out = tmp_path / "pred"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = tmp_path / f".pred.partial-{live.pid}"
+        dead = tmp_path / ".pred.partial-999999999"
+        old = tmp_path / ".pred.old-999999998"
+        for d in (mine, dead, old):
+            d.mkdir()
+        recover(out)
+        assert mine.exists() and not dead.exists() and not old.exists() and out.exists()  # the old one put back
+    finally:
+        live.kill()
+        live.wait()
+    assert os.path.isdir(out)
+
+
+def test_whole_image_windows_with_a_large_overlap_do_not_crash():
+    ens = Ensemble([Convolutional()], 1, 128, "cpu", "none", tile_overlap=96, window=128)
+    assert ens.predict([textured(3, h=300, w=400)])[0]["map"].shape == (300, 400)

@@ -83,9 +83,13 @@ def test_cli_export_and_onnx_backend_write_the_same_submission(tmp_path):
         r = run.invoke(cli.app, ["ensemble", "predict", "--backend", backend, "-m", str(tmp_path / model),
                                  "--images", str(tc), "-o", str(tmp_path / backend)])
         assert r.exit_code == 0, r.output
+    r = run.invoke(cli.app, ["baseline", "predict", "-m", str(tmp_path / "pc.pt"), "--images", str(tc),
+                             "-o", str(tmp_path / "baseline")])  # the same path, through `baseline predict`
+    assert r.exit_code == 0, r.output
     for sub in ("submission", "masks"):
         a = {p.name: p.read_bytes() for p in (tmp_path / "torch" / sub).iterdir()}
         assert a == {p.name: p.read_bytes() for p in (tmp_path / "onnx" / sub).iterdir()}
+        assert a == {p.name: p.read_bytes() for p in (tmp_path / "baseline" / sub).iterdir()}
     r = run.invoke(cli.app, ["ensemble", "predict", "--backend", "onnx", "-m", str(tmp_path / "pc.pt"),
                              "--images", str(tc), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "pc.pt: cannot be loaded as ONNX" in r.output and r.exception is not None

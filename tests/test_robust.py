@@ -60,6 +60,7 @@ def test_a_dead_or_stalled_worker_ends_the_run_with_a_clear_error():
     ("data.holdout=1.5", "data.holdout must be between 0 and 1"),
     ("data.holdout=1", "data.holdout must be below 1"),
     ("calibrate.target_overkill=2", "calibrate.target_overkill must be between 0 and 1"),
+    ("calibrate.target_overkill=1", "calibrate.target_overkill must be below 1"),
     ("train.augment.flip=1.2", "train.augment.flip must be between 0 and 1"),
     ("train.curriculum.end=0.2", "train.curriculum.start (0.4) must not exceed end (0.2)"),
     ("model.coreset_ratio=0", "coreset_ratio must be above 0"),

@@ -185,6 +185,10 @@ def test_a_generated_folder_validates_on_its_own_held_out_sources(ok_dir, tmp_pa
     assert trainer.pool.root == ok_dir.resolve() and trainer.held_out.paths == held
     assert trainer.cfg["data"]["ok_dir"] == str(ok_dir.resolve()) and trainer.cfg["synth"]["normal_ratio"] == 0.5
     assert not warnings and not set(trainer.pool.paths) & set(held)
+    colour = tmp_path / "colour"  # a folder of 3-channel samples for a 1-channel model: one line, not a traceback
+    generate(ok_dir, colour, 4, SynthConfig(size=64, channels=3), seed=0, holdout=0.4, holdout_seed=1)
+    with pytest.raises(InputError, match="3 channel\\(s\\), the model takes 1"):
+        Trainer(tiny_config(ok_dir, tmp_path / "run3", synth_dir=str(colour)), log=lambda m: None)
     (ok_dir / "ok_9.png").write_bytes((ok_dir / "ok_0.png").read_bytes())  # the source changed: split moved
     with pytest.raises(InputError, match="changed since the folder was generated"):
         Trainer(cfg, log=lambda m: None)
