@@ -135,6 +135,26 @@ def synth_generate(
                       f"{summary['held_out']} OK images held out (data.holdout) for validation and calibration")
 
 
+@synth_app.command("gap")
+def synth_gap(
+    folder: Path = typer.Argument(..., help="A folder written by `synth generate`."),
+    real: Path = typer.Option(..., "--real", help="Real labelled crops: an images folder with masks beside it "
+                              "(TC_Masks or masks), e.g. a development set's TC_Images."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: FOLDER)."),
+    patch: int = typer.Option(48, min=16, help="Side of the defect-centred patches, px."),
+):
+    """How far the synthetic defects are from real ones (KID on frozen Lite0 features of defect-centred patches),
+    per family, with the real-vs-real floor; gap.md, gap.json and gap.png (real beside nearest synthetic)."""
+    from seg.gap import gap_report, write_report
+
+    with user_errors():
+        with console.status("measuring the realism gap"):
+            report = gap_report(folder, real, patch)
+        md = write_report(report, out or folder)
+        console.print(md.read_text(), highlight=False)
+        console.print(f"lower is more realistic; report and picture in {md.parent}")
+
+
 @synth_app.command("preview")
 def synth_preview(
     folder: Path = typer.Argument(..., help="A folder written by `synth generate`."),

@@ -269,3 +269,42 @@ def test_generate_keeps_the_held_out_images_out(ok_dir, tmp_path):
     (out / "run.json").write_text(json.dumps(run))
     with pytest.raises(InputError, match="older version"):
         generate(ok_dir, out, 40, SynthConfig(size=64), seed=0, holdout=0.4, holdout_seed=3)
+
+
+def test_gap_meter_is_lower_for_a_set_against_itself_than_against_unrelated_images(ok_dir, tmp_path):
+    """`synth gap`: real-like defects (dark pits) against themselves sit at the floor; against noise blotches,
+    far above it."""
+    from seg.gap import gap_report
+
+    def labelled(folder, seed, kind):
+        imgs, masks = folder / "TC_Images", folder / "TC_Masks"
+        imgs.mkdir(parents=True)
+        masks.mkdir()
+        g = np.random.default_rng(seed)
+        for i in range(40):
+            img = textured(100 + i)[:128, :128].copy()
+            m = np.zeros((128, 128), np.uint8)
+            c = (int(g.integers(30, 98)), int(g.integers(30, 98)))
+            cv2.circle(m, c, int(g.integers(4, 9)), 1, -1)
+            img[m > 0] = 15 if kind == "pit" else g.integers(0, 256, int(m.sum()))
+            cv2.imwrite(str(imgs / f"c{i}.png"), img)
+            cv2.imwrite(str(masks / f"c{i}.png"), m * 255)
+        return imgs
+
+    pits, other_pits, noise = (labelled(tmp_path / n, s, k) for n, s, k in
+                               (("a", 0, "pit"), ("b", 1, "pit"), ("c", 2, "noise")))
+    as_synth = tmp_path / "synth"  # the second pit set as a `synth generate` folder
+    (as_synth / "images").mkdir(parents=True)
+    (as_synth / "masks").mkdir()
+    rows = []
+    for i, p in enumerate(sorted(other_pits.iterdir())):
+        (as_synth / "images" / f"{i:06d}.png").write_bytes(p.read_bytes())
+        (as_synth / "masks" / f"{i:06d}.png").write_bytes((other_pits.parent / "TC_Masks" / p.name).read_bytes())
+        rows.append(json.dumps({"id": f"{i:06d}", "normal": False, "families": ["bezier_blob"]}))
+    (as_synth / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    same = gap_report(as_synth, pits)
+    other = gap_report(as_synth, noise)
+    assert same["kid_synthetic"] < 0.25 * other["kid_synthetic"]
+    assert abs(same["kid_real_halves"]) < 0.25 * other["kid_synthetic"]
+    assert same["families"]["bezier_blob"]["kid"] == pytest.approx(same["kid_synthetic"])
+    assert same["picture"][:4] == b"\x89PNG"
