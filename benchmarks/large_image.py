@@ -47,27 +47,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", nargs=2, type=int, default=(4000, 3000), metavar=("W", "H"))
     ap.add_argument("--source", default=str(ROOT / "data/sample/round_train/part1/OK_Images"))
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--tta", default="none")
+    ap.add_argument("--tta", default="none", help="none | flip | d4 (none: the bare network)")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args(argv)
     w, h = a.size
     image = mosaic(Path(a.source), h, w)
-    params = {"threshold": 0.0, "image_threshold": -1e30, "min_area": 0, "opening": 0}
-    if a.model:
-        make = lambda window: Ensemble.from_checkpoints([a.model], "auto", tta_mode=a.tta, window=window)  # noqa
+    if a.model:  # the file's TTA and calibrated operating point (for the masks compared below)
+        def make(window):
+            return build_ensemble([a.model], None, a.tta, None, None, None, {"window": window}, "auto")
         name = a.model
-        params = build_ensemble([a.model], None, a.tta, None, None, None, {}, "cpu")[1]
     else:
         from seg.config import DEFAULTS
         from seg.models import model_from_config
 
         torch.manual_seed(0)
         net = model_from_config({**DEFAULTS["model"], "arch": "unet", "weights": "none"})
-        make = lambda window: Ensemble([net], 1, 128, "auto", a.tta, window=window)  # noqa: E731
+        fixed = {"threshold": 0.0, "image_threshold": -1e30, "min_area": 0, "opening": 0}
+
+        def make(window):
+            return Ensemble([net], 1, 128, "auto", a.tta, window=window), fixed
         name = "untrained default UNet (lite0)"
     rows, maps, masks = {}, {}, {}
     for label, window in (("whole", a.window), ("tiled", 0)):
-        ens = make(window)
+        ens, params = make(window)
         ens.warmup()
         best = float("inf")
         for _ in range(a.repeats):
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
     diff = np.abs(maps["whole"] - maps["tiled"])
     union = (masks["whole"] | masks["tiled"]).sum()
     iou = float((masks["whole"] & masks["tiled"]).sum() / union) if union else 1.0
-    out = {"model": name, "size": f"{w}x{h}", "tta": a.tta, "window": a.window, **rows,
+    out = {"model": name, "size": f"{w}x{h}", "tta": ens.tta_mode, "window": a.window, **rows,
            "speedup": rows["tiled"]["seconds"] / rows["whole"]["seconds"],
            "map_abs_diff_median": float(np.median(diff)), "map_abs_diff_p99": float(np.quantile(diff, 0.99)),
            "mask_iou": iou, "mask_pixels_equal": float((masks["whole"] == masks["tiled"]).mean())}

@@ -110,10 +110,10 @@ def _umask() -> int:
     return mask
 
 
-def user_mode(path: str | Path, directory: bool = False) -> None:
-    """Give a file (0666) or folder (0777) made by `tempfile` (0600 / 0700) the user's usual mode under their umask,
-    so outputs are as readable by colleagues as the user's other files."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+def user_mode(path: str | Path) -> None:
+    """Give a file made by `tempfile` (0600) the user's usual mode (0666 under their umask), so outputs are as
+    readable by colleagues as the user's other files."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 TMP_SUFFIX = ".tmp"

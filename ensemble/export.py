@@ -24,7 +24,7 @@ from torch import nn
 from core import __version__
 from core.io import InputError, atomic_write_bytes
 
-from .models import Ensemble
+from .models import Ensemble, tta_mean
 
 META_KEY = "defect_synth"
 
@@ -35,8 +35,7 @@ class ExportGraph(nn.Module):
     def __init__(self, ens: Ensemble):
         super().__init__()
         self.models = nn.ModuleList(ens.models)
-        self.transforms = list(ens.tta) if ens.tta is not None else [None]
-        self.with_heads = True
+        self.tta = ens.tta
         centers, scales, hc, hs = [], [], [], []
         for norm in ens.norms:
             c, s = norm["pixel"] if norm else (0.0, 1.0)
@@ -53,17 +52,10 @@ class ExportGraph(nn.Module):
     def forward(self, x: torch.Tensor):
         maps, heads = [], []
         for i, model in enumerate(self.models):
-            m_sum, h_sum = 0, 0
-            for t in self.transforms:
-                out = model(t.augment_image(x) if t is not None else x)
-                m = out["mask"].float()
-                m_sum = m_sum + (t.deaugment_mask(m) if t is not None else m)
-                if out["image"] is not None:
-                    h_sum = h_sum + out["image"].float().reshape(-1)
-            k = len(self.transforms)
-            maps.append(((m_sum / k)[:, 0] - self.center[i]) / self.scale[i])
-            if torch.is_tensor(h_sum):
-                heads.append((h_sum / k - self.head_center[i]) / self.head_scale[i])
+            m, h = tta_mean(model, self.tta, x)
+            maps.append((m - self.center[i]) / self.scale[i])
+            if h is not None:
+                heads.append((h - self.head_center[i]) / self.head_scale[i])
         if len(heads) != len(maps):
             return torch.stack(maps)
         return torch.stack(maps), torch.stack(heads)

@@ -10,7 +10,6 @@ before they are merged. A model without a normaliser gives its raw logits (0 = p
 from __future__ import annotations
 
 import math
-
 import time
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,20 @@ STRIDE = 32  # the deepest encoder stride: whole-image windows are padded to a m
 TTA = {"none": lambda: None,
        "flip": lambda: tta.Compose([tta.HorizontalFlip()]),
        "d4": tta.aliases.d4_transform}
+
+
+def tta_mean(model: torch.nn.Module, transforms, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One model over the TTA passes (`transforms`: a ttach Compose, or None): the mean of the de-augmented mask
+    logits (B,H,W) and of the image logits (B,) or None. Shared by `Ensemble` and its ONNX export."""
+    passes = list(transforms) if transforms is not None else [None]
+    m_sum, h_sum = 0, 0
+    for t in passes:
+        out = model(t.augment_image(x) if t is not None else x)
+        m = out["mask"].float()
+        m_sum = m_sum + (t.deaugment_mask(m) if t is not None else m)
+        if out["image"] is not None:
+            h_sum = h_sum + out["image"].float().reshape(-1)
+    return (m_sum / len(passes))[:, 0], (h_sum / len(passes) if torch.is_tensor(h_sum) else None)
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict, dict | None]:
@@ -93,6 +106,14 @@ class Ensemble:
         if len(norms) != len(self.models):
             raise InputError(f"normalisers: expected {len(self.models)}, got {len(norms)}")
         self.norms = norms
+
+    def _hwc(self, img: np.ndarray, label: str) -> np.ndarray:
+        """A uint8 image as (H, W, C), checked against the models' channel count."""
+        arr = img if img.ndim == 3 else img[..., None]
+        if arr.shape[2] != self.channels:
+            raise InputError(f"{label}: {arr.shape[2]} channels, the models take {self.channels}")
+        return arr
+
     @classmethod
     def from_checkpoints(cls, checkpoints: Sequence[str | Path], device: str = "auto", **kw) -> "Ensemble":
         """Load `seg train` checkpoints; each carries its config, so preprocessing and crop size come along."""
@@ -112,18 +133,7 @@ class Ensemble:
         """x (B,C,T,T) in [0,1] -> per model: (mask logits (B,T,T), image logits (B,) or None), each the mean
         over the TTA passes, before normalisation."""
         x = x.to(self.device)
-        out_all = []
-        for model in self.models:
-            m_sum, h_sum, k = 0, 0, 0
-            for t in (self.tta if self.tta is not None else [None]):
-                out = model(t.augment_image(x) if t is not None else x)
-                m = out["mask"].float()
-                m_sum = m_sum + (t.deaugment_mask(m) if t is not None else m)
-                if out["image"] is not None:
-                    h_sum = h_sum + out["image"].float().view(-1)
-                k += 1
-            out_all.append(((m_sum / k)[:, 0], h_sum / k if torch.is_tensor(h_sum) else None))
-        return out_all
+        return [tta_mean(model, self.tta, x) for model in self.models]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,9 +168,7 @@ class Ensemble:
         t = self.tile
         jobs, canvases = [], []
         for idx, img in enumerate(images):
-            arr = img if img.ndim == 3 else img[..., None]
-            if arr.shape[2] != self.channels:
-                raise InputError(f"image {idx}: {arr.shape[2]} channels, the models take {self.channels}")
+            arr = self._hwc(img, f"image {idx}")
             h, w = arr.shape[:2]
             ph, pw = max(0, t - h), max(0, t - w)
             if ph or pw:
@@ -220,9 +228,7 @@ class Ensemble:
         """One large image in windows of up to `window` px (padded by reflection to a multiple of STRIDE),
         overlapping by 2 x tile_overlap and averaged; the image score is the maximum over the windows, as the
         heads' global max pooling gives over one large input."""
-        arr = img if img.ndim == 3 else img[..., None]
-        if arr.shape[2] != self.channels:
-            raise InputError(f"image: {arr.shape[2]} channels, the models take {self.channels}")
+        arr = self._hwc(img, "image")
         h, w = arr.shape[:2]
         ph, pw = max(0, self.tile - h), max(0, self.tile - w)  # at least one crop a side, as when tiling
         if ph or pw:

@@ -45,15 +45,15 @@ class SeededAugment:
         return out["image"], out["mask"]
 
 
-def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> dict:
-    """The config to train from a `synth generate` folder: its OK images, held-out split and synthesis settings
-    replace `data.*` and `synth.*` (so `-s synth.*` settings are the folder's, not the command line's), and
-    validation and calibration draw on the folder's own held-out images (never on images its samples came from). A
-    folder whose source changed since, whose channels differ from the model's, or with no `run.json`, is refused."""
+def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> tuple[dict, list[str] | None]:
+    """(config, held-out names or None) to train from a `synth generate` folder: its OK images, held-out split and
+    synthesis settings replace `data.*` and `synth.*` (so `-s synth.*` settings are the folder's, not the command
+    line's), and validation and calibration draw on the folder's own held-out images (never on images its samples
+    came from; `check_split` verifies the split still holds once the pools are built). A folder whose channels
+    differ from the model's, or with no `run.json`, is refused."""
     import copy
 
     from core.io import read_json_file
-    from synth.engine import SourcePool
 
     run_file = Path(folder) / "run.json"
     if not run_file.exists():
@@ -73,14 +73,17 @@ def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> dict:
         if warn:
             warn(f"{run_file}: written without a held-out split, so validation and calibration draw on the images "
                  "its samples came from (regenerate with a current `synth generate`)")
-        return out
-    s = run["config"]
-    _, held = SourcePool(run["source"], s["channels"], s["size"]).split(out["data"]["holdout"],
-                                                                        out["data"]["holdout_seed"])
-    if (held.paths if held else []) != run["held_out"]:
-        raise InputError(f"{run_file}: the OK images in {run['source']} changed since the folder was generated, "
+        return out, None
+    return out, run["held_out"]
+
+
+def check_split(folder: str | Path, held, expected: list[str]) -> None:
+    """Refuse a `synth generate` folder whose source images changed since: the held-out pool built now (`held`, a
+    SourcePool or None) must be the one recorded in its run.json."""
+    if (held.paths if held else []) != expected:
+        run_file = Path(folder) / "run.json"
+        raise InputError(f"{run_file}: the OK images of its source changed since the folder was generated, "
                          "so its held-out split no longer holds; regenerate the folder")
-    return out
 
 
 class SynthFolderDataset(Dataset):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from core.io import InputError, atomic_write_bytes, find_images, read_image, read_jsonl, read_mask, write_json
 
+from .data import find_mask_dir, mask_path_for
 from .models.features import FeatureExtractor
 
 
@@ -43,16 +44,16 @@ def centre_patch(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def real_patches(image_dir: str | Path, size: int) -> list[np.ndarray]:
-    """Defect-centred patches of real labelled crops: masks (PNG, same stem) in TC_Masks or masks beside."""
+    """Defect-centred patches of real labelled crops: masks (same stem) in TC_Masks or masks beside (the lookup of
+    `seg.data.LabelledFolder`)."""
     image_dir = Path(image_dir)
-    mask_dir = next((image_dir.parent / n for n in ("TC_Masks", "masks", "Masks") if (image_dir.parent / n).is_dir()),
-                    None)
+    mask_dir = find_mask_dir(image_dir)
     if mask_dir is None:
         raise InputError(f"{image_dir}: no masks folder beside it (TC_Masks or masks)")
     out = []
     for p in find_images(image_dir):
-        m = mask_dir / p.relative_to(image_dir).with_suffix(".png")
-        if m.exists():
+        m = mask_path_for(p, image_dir, mask_dir)
+        if m is not None:
             img = read_image(p)
             out += defect_patches(img, read_mask(m, img.shape[:2]), size)
     if len(out) < 4:

@@ -35,7 +35,8 @@ from core.io import InputError, atomic_write_bytes, write_json
 
 from .config import ok_pools
 from .curriculum import CurriculumSchedule
-from .data import LabelledFolder, SeededAugment, SynthFolderDataset, adopt_synth_folder, build_augment
+from .data import LabelledFolder, SeededAugment, SynthFolderDataset, adopt_synth_folder, build_augment, \
+    check_split
 from .losses import SegmentationLoss
 from .models import model_from_config
 
@@ -175,12 +176,16 @@ class Trainer:
             self.rank, self.world = 0, 1
         self.main = self.rank == 0
         self.out = Path(t["out"])
+        expected_held = None
         if t["synth_dir"]:  # the folder's own sources, split and synthesis settings (validation, calibration)
-            cfg = self.cfg = adopt_synth_folder(cfg, t["synth_dir"], warn if self.main else None)
+            cfg, expected_held = adopt_synth_folder(cfg, t["synth_dir"], warn if self.main else None)
+            self.cfg = cfg
         torch.manual_seed(t["seed"])
         self.synth_cfg = SynthConfig.from_dict(cfg["synth"])
         self.engine = DefectSynthesizer(self.synth_cfg)
         self.pool, self.held_out = ok_pools(cfg, warn=warn if self.main else None)
+        if expected_held is not None:
+            check_split(t["synth_dir"], self.held_out, expected_held)
         aug = SeededAugment(build_augment(t["augment"]))
         per_rank = t["steps_per_epoch"] * t["batch_size"]
         if t["synth_dir"]:
@@ -220,18 +225,18 @@ class Trainer:
         self.start_epoch, self.best, self.best_epoch, self.stale = 0, None, -1, 0
 
     # ------------------------------------------------------------------------------------------- state
-    def state(self, epoch: int) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
-                "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "rows": self.rows,
-                "rng": torch.get_rng_state(), "config": self.cfg, "metric": self.cfg["train"]["metric"],
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
     def inference_state(self, epoch: int) -> dict:
         """What prediction needs (best.pt): weights, config, the run's history; no optimiser, scheduler or RNG
         state (those live in last.pt, which `--resume` uses)."""
         return {"model": self.model.state_dict(), "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch,
                 "metric": self.cfg["train"]["metric"], "rows": self.rows, "config": self.cfg}
+
+    def state(self, epoch: int) -> dict:
+        """Everything `--resume` needs (last.pt): the inference state plus optimiser, scheduler, scaler and RNG."""
+        return {**self.inference_state(epoch), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "stale": self.stale,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def resume(self) -> None:
         ckpt = load_checkpoint(self.out / "last.pt")
