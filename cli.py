@@ -92,6 +92,8 @@ def load(config: Optional[Path], overrides: Optional[List[str]], part: Optional[
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/partN.yaml).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config key, e.g. -s train.epochs=3 (repeatable).")
 PartOpt = typer.Option(None, "--part", "-p", help="Competition part number (selects configs/partN.yaml).")
+HalfOpt = typer.Option("all", help="Which labelled defects of --real: all, or the fixed half 'fit' or 'score' (fit "
+                       "weights on one, judge them on the other).")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset root in the competition layout (overrides data.root).")
 
 
@@ -142,6 +144,7 @@ def synth_gap(
                               "(TC_Masks or masks), e.g. a development set's TC_Images."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: FOLDER)."),
     patch: int = typer.Option(48, min=16, help="Side of the defect-centred patches, px."),
+    half: str = HalfOpt,
 ):
     """How far the synthetic defects are from real ones (KID on frozen Lite0 features of defect-centred patches),
     per family, with the real-vs-real floor; gap.md, gap.json and gap.png (real beside nearest synthetic)."""
@@ -149,10 +152,37 @@ def synth_gap(
 
     with user_errors():
         with console.status("measuring the realism gap"):
-            report = gap_report(folder, real, patch)
+            report = gap_report(folder, real, patch, half=half)
         md = write_report(report, out or folder)
         console.print(md.read_text(), highlight=False)
         console.print(f"lower is more realistic; report and picture in {md.parent}")
+
+
+@synth_app.command("fit-weights")
+def synth_fit_weights(
+    folder: Path = typer.Argument(..., help="A `synth generate` folder with samples of every family, e.g. "
+                                  "generated with -s 'synth.families={...: 1.0}' for all families, max_defects=1."),
+    real: Path = typer.Option(..., "--real", help="A few real labelled crops: images with masks beside them."),
+    keep: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of the default family mix kept, so that no "
+                               "family drops out (the real defects at hand are not all the kinds there are)."),
+    half: str = HalfOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
+):
+    """The synthetic family mix closest to real defects (minimum KID-kernel MMD over the family weights); prints
+    the override to train with it: -s 'synth.families={...}'."""
+    from core.io import write_json
+    from seg.gap import fit_family_weights
+    from synth.engine import SynthConfig
+
+    with user_errors():
+        with console.status("fitting family weights to the real defects"):
+            r = fit_family_weights(folder, real, SynthConfig().families, keep=keep, half=half)
+        if out:
+            write_json(out, r)
+        console.print(f"{r['real_patches']} real defect patches; estimated MMD^2 to them: default mix "
+                      f"{r['mmd_default']:.4g}, fitted mix {r['mmd_fitted']:.4g}")
+        flow = ", ".join(f"{k}: {v}" for k, v in sorted(r["weights"].items()))  # zeros too: overrides merge
+        typer.echo(f"-s 'synth.families={{{flow}}}'")  # on stdout: the product, for scripts
 
 
 @synth_app.command("preview")

@@ -116,8 +116,9 @@ def parse_sets(sets: str | None, data: str | None, part: int, data_root: str) ->
 
 
 def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool, log,
-            hybrid_tta: str = "flip") -> dict:
-    """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}."""
+            hybrid_tta: str = "flip", overrides: tuple[str, ...] = ()) -> dict:
+    """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}.
+    `overrides` (key=value) go to every segmenter's training, e.g. synth.families={...}."""
     out.mkdir(parents=True, exist_ok=True)
     test_images = competition_dir(data, part, "TC_Images")
     common = ["-c", CONFIG, "--part", str(part), "--data", data]
@@ -138,7 +139,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             files[method] = out / folder / "best.pt"
             step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), "--epochs", str(b["epochs"]),
                                      "-s", f"model.arch={arch}", "-s", f"train.steps_per_epoch={b['steps']}",
-                                     "-s", "train.seed=0", "-s", f"train.val_n={b['val_n']}"], files[method])
+                                     "-s", "train.seed=0", "-s", f"train.val_n={b['val_n']}",
+                                     *[x for o in overrides for x in ("-s", o)]], files[method])
     for method in ("padim", "patchcore", "ssim_ae"):
         if method in methods or (method == "patchcore" and any(m.startswith("hybrid") for m in methods)):
             files[method] = out / f"{method}.pt"
@@ -197,6 +199,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="small training budget (every set in under 20 minutes)")
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
+    ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
+                    help="config override for the segmenters' training, e.g. -s synth.min_visibility=0 (repeatable)")
     ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"),
                     help="TTA of the hybrid ensembles (single model files use the TTA they store)")
     a = ap.parse_args(argv)
@@ -213,11 +217,12 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     per_set = {}
     for label, data, part in parse_sets(a.sets, a.data, a.part, a.data_root):
-        per_set[label] = run_set(label, data, part, out / label, b, methods, a.reuse, log, a.hybrid_tta)
+        per_set[label] = run_set(label, data, part, out / label, b, methods, a.reuse, log, a.hybrid_tta,
+                                 tuple(a.overrides))
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
     meta = {"date": datetime.date.today().isoformat(), "machine": machine, "mode": "quick" if a.quick else "full",
-            "hybrid_tta": a.hybrid_tta,
+            "hybrid_tta": a.hybrid_tta, "overrides": a.overrides,
             "sets": list(per_set), "minutes": (time.perf_counter() - start) / 60}
     write_json(out / "results.json", {"meta": meta, "results": per_set})
     md = results_markdown(meta, per_set)
@@ -234,7 +239,8 @@ def results_markdown(meta: dict, per_set: dict) -> str:
     cols = COLUMNS[:7] + [("oracle_score", "oracle score"), ("calibration_loss", "calib. loss")]
     lines = [f"Benchmark ({meta['mode']}), {meta['date']}, {meta['machine']}; {meta['minutes']:.0f} minutes. "
              "Thresholds calibrated on held-out OK images only; the oracle chooses them on the test crops "
-             "(reporting only).", ""]
+             "(reporting only)." + (f" Segmenters trained with {' '.join(meta['overrides'])}."
+                                    if meta.get("overrides") else ""), ""]
     for label, results in per_set.items():
         lines += [f"**{label}**", "", "| method | " + " | ".join(c for _, c in cols) +
                   " | train/fit s | predict img/s | peak MiB |", "|" + "---|" * (len(cols) + 4)]

@@ -231,3 +231,51 @@ def read_json_file(path: str | Path):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: cannot be read as JSON ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------ labelled folders
+def mask_path_for(image: Path, image_dir: Path, mask_dir: Path | None) -> Path | None:
+    if mask_dir is None:
+        return None
+    for ext in (".png", ".bmp", image.suffix):
+        p = mask_dir / image.relative_to(image_dir).with_suffix(ext)
+        if p.exists():
+            return p
+    return None
+
+
+def find_mask_dir(image_dir: Path) -> Path | None:
+    """Masks beside a competition `TC_Images` folder (`TC_Masks`), or a `masks` folder beside `images`."""
+    for name in ("TC_Masks", "masks", "Masks"):
+        cand = image_dir.parent / name
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def labelled_defects(image_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(image, mask) of every crop of `image_dir` whose mask (same stem, in TC_Masks or masks beside: the lookup of
+    `seg.data.LabelledFolder`) marks a defect, in sorted order."""
+    image_dir = Path(image_dir)
+    mask_dir = find_mask_dir(image_dir)
+    if mask_dir is None:
+        raise InputError(f"{image_dir}: no masks folder beside it (TC_Masks or masks)")
+    out = []
+    for p in find_images(image_dir):
+        m = mask_path_for(p, image_dir, mask_dir)
+        if m is not None and read_mask(m).any():
+            out.append((p, m))
+    return out
+
+
+def half_of(pairs: list, half: str, seed: int = 0) -> list:
+    """A fixed half of the labelled defects: `fit` (the first half of a seeded permutation of the sorted names,
+    rounded up), `score` (the rest) or `all`; weights are fitted on one half and judged on the other."""
+    if half == "all":
+        return list(pairs)
+    if half not in ("fit", "score"):
+        raise InputError(f"half: expected all, fit or score, got {half!r}")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    k = (len(pairs) + 1) // 2
+    chosen = set(order[:k] if half == "fit" else order[k:])
+    return [p for i, p in enumerate(pairs) if i in chosen]

@@ -7,7 +7,9 @@ else `spawn`), get what they need through an initializer, and set their own thre
 
 `ordered_map` yields results in submission order, so what the caller writes does not depend on the number of
 workers. A worker that dies (killed, out of memory) or returns nothing for `stall_seconds` ends the run with a
-`WorkerError` naming the items in flight; results already yielded stay with the caller (a rerun resumes).
+`WorkerError` naming its items; results already yielded stay with the caller (a rerun resumes). A death fails
+every chunk in flight, so those are redone one by one, each in a worker of its own: the good ones are delivered
+and the error names the chunk that kills its worker, however the chunks were scheduled.
 """
 
 from __future__ import annotations
@@ -79,8 +81,13 @@ def ordered_map(fn: Callable[[list], list], items: Sequence, workers: int, initi
                 raise WorkerError(f"a worker made no progress for {stall:.0f} s on {describe(c)}; finished work is "
                                   "kept, rerun the same command to resume") from None
             except BrokenProcessPool:
-                raise WorkerError(f"a worker process died (killed, out of memory, or failed to start) on "
-                                  f"{describe(c)}; finished work is kept, rerun the same command to resume") from None
+                # the death failed every chunk in flight, whichever worker held it: redo them one by one, each in
+                # a worker of its own, so the good ones are delivered and the error names the chunk that kills
+                _stop(ex)
+                for cc in [c] + [p[0] for p in pending]:
+                    yield from _alone(fn, cc, initializer, initargs, stall, describe)
+                raise WorkerError(f"a worker process died (killed, out of memory, or failed to start) while on "
+                                  f"{describe(c)}; its work was redone, rerun the same command to resume") from None
             nxt = next(chunks, None)
             if nxt is not None:
                 pending.append((nxt, ex.submit(fn, nxt)))
@@ -89,9 +96,24 @@ def ordered_map(fn: Callable[[list], list], items: Sequence, workers: int, initi
         _stop(ex)
 
 
+def _alone(fn, c: list, initializer, initargs, stall: float, describe) -> list:
+    """`fn(c)` in a worker process of its own; a death or a stall there is a `WorkerError` naming `c`."""
+    ex = ProcessPoolExecutor(1, mp_context=context(), initializer=initializer, initargs=initargs)
+    try:
+        return ex.submit(fn, c).result(timeout=stall)
+    except FutureTimeout:
+        raise WorkerError(f"a worker made no progress for {stall:.0f} s on {describe(c)}; finished work is kept, "
+                          "rerun the same command to resume") from None
+    except BrokenProcessPool:
+        raise WorkerError(f"a worker process died (killed, out of memory, or failed to start) on {describe(c)}; "
+                          "finished work is kept, rerun the same command to resume") from None
+    finally:
+        _stop(ex)
+
+
 def _stop(ex: ProcessPoolExecutor) -> None:
     """Shut the pool down without waiting on a stalled worker."""
-    procs = list(getattr(ex, "_processes", {}).values())
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # None once shut down
     ex.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         if p.is_alive():

@@ -46,8 +46,11 @@ def normal_crops(pool: SourcePool, n: int, seed: int) -> list[np.ndarray]:
 
 
 def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """n synthetic defective crops (image, mask) drawn on `pool` with the config's synthesis settings."""
-    engine = DefectSynthesizer(SynthConfig.from_dict({**cfg["synth"], "normal_ratio": 0.0}))
+    """n synthetic defective crops (image, mask) drawn on `pool` with the config's synthesis settings; without
+    transplanted real defects (their folder stays on the machine that trained; they are not synthetic)."""
+    families = {k: v for k, v in cfg["synth"]["families"].items() if k != "transplant"}
+    engine = DefectSynthesizer(SynthConfig.from_dict({**cfg["synth"], "normal_ratio": 0.0, "transplant": None,
+                                                      "families": families}))
     images, masks = [], []
     for i in range(4 * n):  # a draw that could place no defect (e.g. outside the ROI) is skipped
         image, mask, _ = engine.draw(stream(CALIBRATION, seed, 1, i), pool)

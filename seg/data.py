@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from synth.dataset import to_tensors
-from core.io import InputError, find_images, read_image, read_jsonl, read_mask
+from core.io import InputError, find_images, find_mask_dir, mask_path_for, read_image, read_jsonl, read_mask
 
 
 def build_augment(cfg: dict) -> A.Compose | None:
@@ -114,25 +114,6 @@ class SynthFolderDataset(Dataset):
         img, m = to_tensors(image, mask)
         return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
                 "difficulty": torch.tensor(-1.0 if r["difficulty"] is None else r["difficulty"])}
-
-
-def mask_path_for(image: Path, image_dir: Path, mask_dir: Path | None) -> Path | None:
-    if mask_dir is None:
-        return None
-    for ext in (".png", ".bmp", image.suffix):
-        p = mask_dir / image.relative_to(image_dir).with_suffix(ext)
-        if p.exists():
-            return p
-    return None
-
-
-def find_mask_dir(image_dir: Path) -> Path | None:
-    """Masks beside a competition `TC_Images` folder (`TC_Masks`), or a `masks` folder beside `images`."""
-    for name in ("TC_Masks", "masks", "Masks"):
-        cand = image_dir.parent / name
-        if cand.is_dir():
-            return cand
-    return None
 
 
 class LabelledFolder(Dataset):

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.io import InputError, atomic_write_bytes, find_images, read_image, read_jsonl, read_mask, write_json
+from core.io import (InputError, atomic_write_bytes, half_of, labelled_defects, read_image, read_jsonl, read_mask,
+                     write_json)
 
-from .data import find_mask_dir, mask_path_for
 from .models.features import FeatureExtractor
 
 
@@ -43,21 +43,14 @@ def centre_patch(image: np.ndarray, size: int) -> np.ndarray:
     return image[max(0, y):max(0, y) + size, max(0, x):max(0, x) + size].copy()
 
 
-def real_patches(image_dir: str | Path, size: int) -> list[np.ndarray]:
-    """Defect-centred patches of real labelled crops: masks (same stem) in TC_Masks or masks beside (the lookup of
-    `seg.data.LabelledFolder`)."""
-    image_dir = Path(image_dir)
-    mask_dir = find_mask_dir(image_dir)
-    if mask_dir is None:
-        raise InputError(f"{image_dir}: no masks folder beside it (TC_Masks or masks)")
+def real_patches(image_dir: str | Path, size: int, half: str = "all") -> list[np.ndarray]:
+    """Defect-centred patches of real labelled crops (`labelled_defects`), of one `half_of` them."""
     out = []
-    for p in find_images(image_dir):
-        m = mask_path_for(p, image_dir, mask_dir)
-        if m is not None:
-            img = read_image(p)
-            out += defect_patches(img, read_mask(m, img.shape[:2]), size)
+    for p, m in half_of(labelled_defects(image_dir), half):
+        img = read_image(p)
+        out += defect_patches(img, read_mask(m, img.shape[:2]), size)
     if len(out) < 4:
-        raise InputError(f"{image_dir}: fewer than 4 labelled defects found (masks in {mask_dir})")
+        raise InputError(f"{image_dir}: fewer than 4 labelled defects found")
     return out
 
 
@@ -109,10 +102,15 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size: int = 100,
     return float(np.mean(vals))
 
 
-def gap_report(synth_dir: str | Path, real_dir: str | Path, patch: int = 48, seed: int = 0) -> dict:
+def _extractor() -> FeatureExtractor:
+    return FeatureExtractor("tf_efficientnet_lite0", "lite", (2, 3))
+
+
+def gap_report(synth_dir: str | Path, real_dir: str | Path, patch: int = 48, seed: int = 0,
+               half: str = "all") -> dict:
     """The realism gap of a generated folder against real labelled crops (see the module doc)."""
-    extractor = FeatureExtractor("tf_efficientnet_lite0", "lite", (2, 3))
-    real = real_patches(real_dir, patch)
+    extractor = _extractor()
+    real = real_patches(real_dir, patch, half)
     syn, fams, normals = synthetic_patches(synth_dir, patch)
     fr, fs = embed(real, extractor), embed(syn, extractor)
     rng = np.random.default_rng(seed)
@@ -130,6 +128,67 @@ def gap_report(synth_dir: str | Path, real_dir: str | Path, patch: int = 48, see
             report["families"][fam] = {"patches": len(idx), "kid": kid(fs[idx], fr, seed=seed)}
     report["picture"] = nearest_grid(real, syn, fr, fs, seed)
     return report
+
+
+def _kernel(a: np.ndarray, b: np.ndarray, same: bool = False) -> float:
+    """Mean of KID's cubic kernel between two feature sets (without the diagonal when they are one set)."""
+    k = (a @ b.T / a.shape[1] + 1) ** 3
+    if same:
+        n = len(a)
+        return float((k.sum() - np.trace(k)) / max(n * (n - 1), 1))
+    return float(k.mean())
+
+
+def simplex_qp(a: np.ndarray, b: np.ndarray, steps: int = 5000) -> np.ndarray:
+    """argmin over the probability simplex of w'Aw - 2 w'b (A symmetric positive semi-definite): projected
+    gradient descent with the exact simplex projection (Duchi et al. 2008)."""
+    n = len(b)
+    w = np.full(n, 1 / n)
+    lr = 0.5 / max(np.linalg.eigvalsh(a).max(), 1e-12)
+    for _ in range(steps):
+        v = w - lr * 2 * (a @ w - b)
+        u = np.sort(v)[::-1]
+        css = np.cumsum(u) - 1
+        r = np.nonzero(u - css / np.arange(1, n + 1) > 0)[0][-1]
+        w = np.maximum(v - css[r] / (r + 1), 0)
+    return w
+
+
+def fit_family_weights(synth_dir: str | Path, real_dir: str | Path, defaults: dict, patch: int = 48,
+                       half: str = "all", keep: float = 0.3) -> dict:
+    """The family mix whose synthetic defects are closest to the real ones (`synth fit-weights`).
+
+    The generated folder should hold samples of every family (e.g. generated with equal weights). Each family's
+    single-family samples give a feature set S_f; for a mix w the squared MMD to the real patches R (KID's cubic
+    kernel k) is w'Aw - 2 w'b + const with A_fg = mean k(S_f, S_g) and b_f = mean k(S_f, R), minimised over the
+    simplex. Only the families `defaults` weighs above 0 take part. A few real defects cannot say what the unseen
+    ones look like, so a share `keep` of the `defaults` mix stays in (no family drops out). Returns weights, the fitted and the default mix's estimated MMD^2, and
+    the count of real patches and of patches per family."""
+    syn, fams, _ = synthetic_patches(synth_dir, patch)
+    real = real_patches(real_dir, patch, half)
+    extractor = _extractor()
+    fs, fr = embed(syn, extractor), embed(real, extractor)
+    names = [f for f in sorted(defaults) if defaults[f] > 0 and sum(fl == [f] for fl in fams) >= 8]
+    if not names:
+        raise InputError(f"{synth_dir}: no family has 8 single-family samples (generate with equal weights)")
+    sets = {f: fs[[i for i, fl in enumerate(fams) if fl == [f]]] for f in names}
+    a = np.array([[_kernel(sets[f], sets[g], f == g) for g in names] for f in names])
+    b = np.array([_kernel(sets[f], fr) for f in names])
+    scale = float(np.abs(np.diag(a)).mean())
+    w = simplex_qp(a / scale, b / scale)
+    d = np.array([defaults[f] for f in names])
+    d = d / d.sum()
+    mixed = (1 - keep) * w + keep * d
+    c = _kernel(fr, fr, True)
+
+    def mmd(v):
+        return float(v @ a @ v - 2 * v @ b + c)
+
+    weights = {f: round(float(v), 4) for f, v in zip(names, mixed)}
+    weights.update({f: 0.0 for f in defaults if f not in weights})
+    return {"weights": weights, "fitted_only": {f: round(float(v), 4) for f, v in zip(names, w)},
+            "mmd_default": mmd(d), "mmd_fitted": mmd(mixed), "real_patches": len(real),
+            "patches": {f: len(sets[f]) for f in names}, "keep": keep, "half": half}
 
 
 def nearest_grid(real, syn, fr, fs, seed: int, n: int = 12) -> bytes:
@@ -169,4 +228,4 @@ def write_report(report: dict, out: str | Path) -> Path:
     return out / "gap.md"
 
 
-__all__ = ["gap_report", "write_report", "kid", "defect_patches"]
+__all__ = ["gap_report", "write_report", "kid", "defect_patches", "fit_family_weights"]

@@ -18,6 +18,13 @@ def _expand(a: np.ndarray, img: np.ndarray) -> np.ndarray:
     return a[..., None] if img.ndim == 3 else a
 
 
+def ramp(mask: np.ndarray, edge_level: float, gamma: float) -> np.ndarray:
+    """A level rising from `edge_level` on the mask's rim to 1 at its deepest point (distance to the rim ** gamma)."""
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
+    r = (dist / dist.max()) ** gamma if dist.max() > 0 else dist
+    return edge_level + (1 - edge_level) * r
+
+
 class Shade:
     """Darker or brighter fill with a grey-level ramp from the edge (`edge_level` of the full step) to the centre."""
 
@@ -38,9 +45,7 @@ class Shade:
 
     @staticmethod
     def render(crop, mask, params, source):
-        dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
-        ramp = (dist / dist.max()) ** params["gamma"] if dist.max() > 0 else dist
-        level = params["edge_level"] + (1 - params["edge_level"]) * ramp
+        level = ramp(mask, params["edge_level"], params["gamma"])
         return crop.astype(np.float32) + params["sign"] * params["strength"] * _expand(level, crop)
 
 

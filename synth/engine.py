@@ -20,9 +20,12 @@ from .params import check_range, check_weights, choose, integer
 from .shapes import SHAPES, ElasticWarp, render_shape
 from .streams import SPLIT, stream
 from .structural import Displacement
+from .texture import TEXTURE_FILLS, CropContext, EdgeDefect, TextureFamilies, visibility
+from .transplant import TransplantBank
 
 MASKED_FAMILIES = ("bezier_blob", "bezier_stroke", "gaussian", "perlin")
-FAMILIES = MASKED_FAMILIES + ("cut_paste", "displacement")
+FAMILIES = MASKED_FAMILIES + ("cut_paste", "displacement") + TextureFamilies.NAMES + ("edge", "transplant")
+ALL_FILLS = {**FILLS, **TEXTURE_FILLS}
 
 
 @dataclass
@@ -36,14 +39,21 @@ class SynthConfig:
     difficulty: tuple[float, float] = (0.0, 1.0)
     families: dict = field(default_factory=lambda: {
         "bezier_blob": 1.0, "bezier_stroke": 1.0, "gaussian": 0.7, "perlin": 0.5, "cut_paste": 0.3,
-        "displacement": 0.3})
+        "displacement": 0.3,
+        # drawn from the surface itself (synth/texture.py): about 38 % of the defects; `shift` is off by default
+        "stain": 0.6, "line": 0.8, "blur": 0.3, "sharpen": 0.2, "shift": 0.0, "edge": 0.4,
+        "transplant": 0.0})  # real defects: needs `transplant`, a folder of them
     fills: dict = field(default_factory=lambda: {"shade": 1.0, "texture": 0.3, "noise": 0.3})
     blends: dict = field(default_factory=lambda: {"alpha": 1.0, "poisson": 0.4})
     warp_probability: float = 0.4
     roi: str | None = None  # None, "auto" (bright part of the crop, Otsu) or a mask image path
     min_area: int = 4
-    min_contrast: float = 6.0  # mean |change| in grey levels inside the mask for a defect to count
+    min_contrast: float = 3.0  # mean |change| in grey levels inside the mask for a defect to count, and
+    min_visibility: float = 0.4  # that change over the texture's own variation around it (texture.visibility)
     max_attempts: int = 60
+    transplant: str | None = None  # a folder of real labelled defects (images, masks beside) for `transplant`
+    transplant_half: str = "all"  # which of them: all, or the fixed half fit / score (core.io.half_of)
+    transplant_limit: int = 0  # at most this many labelled crops (0: all)
     params: dict = field(default_factory=dict)  # per-transform range overrides, e.g. {"bezier_blob": {...}}
 
     def __post_init__(self):
@@ -61,7 +71,19 @@ class SynthConfig:
         check_range("warp_probability", (self.warp_probability,) * 2, 0, 1)
         if self.roi not in (None, "auto") and not Path(self.roi).is_file():
             raise ValueError(f"roi: expected 'auto' or a mask image file, got {self.roi!r} (no such file)")
-        known = set(SHAPES) | set(FILLS) | {"alpha", "elastic", "displacement"}
+        check_range("min_contrast", (self.min_contrast,) * 2, 0, 255)
+        check_range("min_visibility", (self.min_visibility,) * 2, 0, 100)
+        if self.families.get("transplant", 0) > 0 and not self.transplant:
+            raise ValueError("families.transplant: needs synth.transplant, a folder of real labelled defects")
+        if self.transplant is not None and not Path(self.transplant).is_dir():
+            raise ValueError(f"transplant: expected a folder of labelled images, got {self.transplant!r} (no such "
+                             "folder)")
+        if self.transplant_half not in ("all", "fit", "score"):
+            raise ValueError(f"transplant_half: expected all, fit or score, got {self.transplant_half!r}")
+        if not isinstance(self.transplant_limit, int) or self.transplant_limit < 0:
+            raise ValueError(f"transplant_limit: expected an integer >= 0, got {self.transplant_limit!r}")
+        known = set(SHAPES) | set(ALL_FILLS) | {"alpha", "elastic", "displacement", "line", "stain", "edge",
+                                                "transplant"}
         for k in self.params:
             if k not in known:
                 raise ValueError(f"params: unknown transform {k!r} (known: {', '.join(sorted(known))})")
@@ -172,27 +194,29 @@ def part_region(image: np.ndarray) -> np.ndarray:
     return (outside[1:-1, 1:-1] != 2).astype(np.uint8)
 
 
-def measure_difficulty(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(difficulty in [0, 1], mean contrast in grey levels) of a rendered defect.
+def measure_difficulty(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
+    """(difficulty in [0, 1], mean contrast in grey levels, visibility) of a rendered defect.
 
-    Small, low-contrast, soft-edged defects are hard: difficulty = 1 - (0.35 size + 0.5 contrast + 0.15 edge),
-    each term in [0, 1]: size on a log scale from 9 px to 10 % of the crop, contrast as the mean absolute change
-    inside the mask over 60 grey levels, edge sharpness as the mean change on the mask's inner rim over 40.
+    Small, faint, soft-edged defects are hard: difficulty = 1 - (0.35 size + 0.5 visibility + 0.15 edge), each
+    term in [0, 1]: size on a log scale from 9 px to 10 % of the crop; visibility (`texture.visibility`: the mean
+    change inside the mask over the texture's own variation around it) over 5, so the same grey-level change is
+    harder on a busy texture than on a flat one; edge sharpness as the mean change on the mask's inner rim over
+    the same variation, over 5.
     """
     area = int(mask.sum())
     if area == 0:
-        return 1.0, 0.0
+        return 1.0, 0.0, 0.0
+    contrast, vis = visibility(before, after, mask)
     diff = cv2.absdiff(after, before).astype(np.float32)
     if diff.ndim == 3:
         diff = diff.mean(2)
     m = mask > 0
-    contrast = float(diff[m].mean())
     rim = m & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
-    edge = float(diff[rim].mean()) if rim.any() else contrast
+    edge = float(diff[rim].mean()) * vis / contrast if rim.any() and contrast > 0 else vis
     big = 0.1 * mask.size
     size_ease = np.clip((math.log(area) - math.log(9)) / (math.log(big) - math.log(9)), 0, 1)
-    ease = 0.35 * size_ease + 0.5 * min(contrast / 60, 1) + 0.15 * min(edge / 40, 1)
-    return round(float(1 - ease), 4), contrast
+    ease = 0.35 * size_ease + 0.5 * min(vis / 5, 1) + 0.15 * min(edge / 5, 1)
+    return round(float(1 - ease), 4), contrast, vis
 
 
 class DefectSynthesizer:
@@ -207,14 +231,30 @@ class DefectSynthesizer:
         self.poisson = PoissonBlend()
         self.warp = ElasticWarp(**p.get("elastic", {}))
         self.displacement = Displacement(**p.get("displacement", {}))
+        self.texture = TextureFamilies(p)
+        self.edge = EdgeDefect(**p.get("edge", {}))
+        self.bank = TransplantBank(config.transplant, config.channels, config.transplant_half,
+                                   config.transplant_limit, **p.get("transplant", {})) if config.transplant else None
         self._roi_file = read_mask(config.roi) if config.roi not in (None, "auto") else None
 
     # ----------------------------------------------------------------------------------------- drawing
-    def _draw_defect(self, rng: np.random.Generator, source_shape) -> dict:
+    def _draw_defect(self, rng: np.random.Generator, source_shape, ctx: CropContext) -> dict:
         c, size = self.config, self.config.size
         family = choose(rng, c.families)
+        if family == "edge":
+            params = self.edge.get_params(rng, size, ctx)
+            if params is not None:
+                return {"family": family, "displacement": params}
+            others = {k: v for k, v in c.families.items() if k != "edge" and v > 0}
+            if not others:  # only edge defects asked for and this crop has no edge: nothing to draw
+                return {"family": family, "displacement": None}
+            family = choose(rng, others)
         if family == "displacement":
             return {"family": family, "displacement": self.displacement.get_params(rng, size)}
+        if family == "transplant":
+            return {"family": family, "transplant": self.bank.get_params(rng, size)}
+        if family in TextureFamilies.NAMES:
+            return self.texture.draw(family, rng, size, ctx, self.warp)
         if family == "cut_paste":
             shape = {"kind": "rectangle", **self.shapes["rectangle"].get_params(rng, size)}
             fill = {"kind": "texture", **self.fills["texture"].get_params(rng, size, source_shape)}
@@ -244,12 +284,12 @@ class DefectSynthesizer:
         lo, hi = c.difficulty
         if max_difficulty is not None:
             hi = max(lo, min(hi, max_difficulty))
-        best = None
+        best, ctx = None, CropContext(crop)
         for attempt in range(1, c.max_attempts + 1):
-            defects = [self._draw_defect(rng, src.shape) for _ in range(integer(rng, (1, c.max_defects)))]
+            defects = [self._draw_defect(rng, src.shape, ctx) for _ in range(integer(rng, (1, c.max_defects)))]
             image, mask, visible = self._render_defects(crop, src, box, defects)
             defects = [d for d, v in zip(defects, visible) if v]
-            diff, _ = measure_difficulty(crop, image, mask)
+            diff = measure_difficulty(crop, image, mask)[0]
             if not defects or mask.sum() < c.min_area:
                 continue
             gap = max(lo - diff, diff - hi, 0)
@@ -280,18 +320,31 @@ class DefectSynthesizer:
         return None
 
     def _render_defects(self, crop, src, box, defects):
-        """Render defects in order; one whose mean change inside its mask is under `min_contrast` grey levels
-        (invisible, so its label would be noise) is left out. Returns (image, mask, which were kept)."""
+        """Render defects in order; one whose change does not stand out (mean change inside its mask under
+        `min_contrast` grey levels, or under `min_visibility` times the texture's own variation around it) is
+        left out: its label would be noise. Returns (image, mask, which were kept)."""
         size = self.config.size
         roi = self._roi(crop, src, box)
         image, total, visible = crop, np.zeros((size, size), np.uint8), []
         for d in defects:
             before = image
-            if d["family"] == "displacement":
+            if "displacement" in d:  # displacement and edge defects move content instead of painting over it
+                if d["displacement"] is None:
+                    visible.append(False)
+                    continue
                 moved, m = Displacement.render(image, d["displacement"])
                 if roi is not None:
                     m = m & roi
                 image = np.where((m[..., None] if image.ndim == 3 else m) > 0, moved, image)
+            elif "transplant" in d:
+                if self.bank is None:
+                    raise InputError("this sample transplants a real defect: set synth.transplant to the folder "
+                                     "of labelled defects it was drawn from")
+                pasted, m = self.bank.render(image, d["transplant"])
+                if roi is None or not (m & (1 - roi)).any():  # a paste reaching outside the region is left out
+                    image = pasted
+                else:
+                    m = np.zeros_like(m)
             else:
                 m = render_shape(d["shape"], size)
                 if d["warp"]:
@@ -299,9 +352,10 @@ class DefectSynthesizer:
                 if roi is not None:
                     m = m & roi
                 if m.any():
-                    fill = FILLS[d["fill"]["kind"]].render(image, m, d["fill"], src)
+                    fill = ALL_FILLS[d["fill"]["kind"]].render(image, m, d["fill"], src)
                     image = BLENDS[d["blend"]["kind"]].render(image, fill, m, d["blend"])
-            ok = bool(m.any()) and measure_difficulty(before, image, m)[1] >= self.config.min_contrast
+            contrast, vis = visibility(before, image, m)
+            ok = bool(m.any()) and contrast >= self.config.min_contrast and vis >= self.config.min_visibility
             visible.append(ok)
             if ok:
                 total |= m

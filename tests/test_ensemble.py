@@ -424,3 +424,14 @@ def test_predict_leaves_the_folders_of_a_live_run_alone(tmp_path):
 def test_whole_image_windows_with_a_large_overlap_do_not_crash():
     ens = Ensemble([Convolutional()], 1, 128, "cpu", "none", tile_overlap=96, window=128)
     assert ens.predict([textured(3, h=300, w=400)])[0]["map"].shape == (300, 400)
+
+
+def test_calibration_synthesis_leaves_transplanted_defects_out(ok_dir, tmp_path):
+    """A model trained with `synth.transplant` calibrates on another machine, where that folder is not."""
+    from ensemble.calibrate import synthetic_defects
+    from synth.engine import SourcePool, SynthConfig
+
+    synth = SynthConfig().to_dict()
+    synth.update(transplant=str(tmp_path / "gone"), families={**synth["families"], "transplant": 1.5})
+    images, masks = synthetic_defects({"synth": synth}, SourcePool(ok_dir), 6, seed=0)
+    assert len(images) == 6 and all(m.any() for m in masks)

@@ -308,3 +308,206 @@ def test_gap_meter_is_lower_for_a_set_against_itself_than_against_unrelated_imag
     assert abs(same["kid_real_halves"]) < 0.25 * other["kid_synthetic"]
     assert same["families"]["bezier_blob"]["kid"] == pytest.approx(same["kid_synthetic"])
     assert same["picture"][:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------- texture-relative families (#12)
+def one_family(ok_dir, family, n=24, **cfg):
+    return [s for s in draws(ok_dir, n, normal_ratio=0, max_defects=1, families={family: 1.0}, **cfg)
+            if not s[2]["normal"]]
+
+
+def high_pass(img):
+    f = img.astype(np.float32)
+    return f - cv2.GaussianBlur(f, (0, 0), 3)
+
+
+@pytest.mark.parametrize("family", ["stain", "line", "blur", "sharpen", "shift", "edge"])
+def test_texture_families_give_masks_of_their_kind_and_touch_nothing_else(ok_dir, family):
+    from synth.texture import CropContext, Shift
+
+    samples = one_family(ok_dir, family, 60 if family == "edge" else 24)
+    assert len(samples) >= (8 if family == "edge" else 16), family  # edge: only crops that reach the dark band
+    r = edge_radius(1.5)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    for image, mask, rec, crop in samples:
+        assert rec["families"] == [family]
+        outside = cv2.dilate(mask, kernel) == 0
+        assert np.array_equal(image[outside], crop[outside]), family
+        inner = cv2.erode(mask, kernel) > 0  # away from the soft rim
+        d = rec["defects"][0]
+        if family == "stain":  # large, and the texture survives under the shading
+            assert mask.sum() >= 150
+            if inner.sum() > 50:
+                assert np.corrcoef(high_pass(image)[inner], high_pass(crop)[inner])[0, 1] > 0.5
+        if family == "line":  # long and thin: crosses a good part of the crop
+            (_, _), (w, h), _ = cv2.minAreaRect(cv2.findNonZero(mask))
+            assert max(w, h) >= 0.3 * 128 or max(w, h) >= 4 * min(w, h), (w, h)
+        if family in ("blur", "sharpen") and inner.sum() > 30:  # the texture is smoothed away or exaggerated
+            before, after = np.abs(high_pass(crop)[inner]).mean(), np.abs(high_pass(image)[inner]).mean()
+            assert (after < before) if family == "blur" else (after > before)
+        if family == "shift" and inner.sum() > 30:  # the content inside is the crop moved by the recorded offset
+            moved = np.clip(np.round(Shift.render(crop, mask, d["fill"], crop)), 0, 255)
+            assert np.abs(image[inner].astype(int) - moved[inner]).mean() < 1.5
+        if family == "edge":  # on the detected edge: the displacement is centred on an edge point, the mask at it
+            points, _ = CropContext(crop).edges(40.0)
+            cx, cy = d["displacement"]["center"]
+            assert np.hypot(points[:, 0] - cx, points[:, 1] - cy).min() < 1e-6
+            ys, xs = np.nonzero(mask)
+            assert np.hypot(xs - cx, ys - cy).min() <= 3
+
+
+def test_lines_follow_the_texture_direction(ok_dir):
+    """The tile-like images have vertical streaks: lines drawn along the texture are near vertical."""
+    samples = one_family(ok_dir, "line", params={"line": {"along_probability": 1.0}})
+    angles = []
+    for image, mask, rec, crop in samples:
+        p = np.asarray(rec["defects"][0]["shape"]["points"])
+        dx, dy = p[-1] - p[0]
+        angles.append(abs(math.degrees(math.atan2(abs(dy), abs(dx)))))
+    assert np.median(angles) > 70, angles
+
+
+def test_edge_family_draws_another_family_on_crops_without_an_edge(tmp_path):
+    d = tmp_path / "flat"
+    d.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(3):  # a fine texture, no edge
+        cv2.imwrite(str(d / f"f{i}.png"), np.clip(120 + g.normal(0, 6, (160, 160)), 0, 255).astype(np.uint8))
+    samples = draws(d, 20, normal_ratio=0, max_defects=1, families={"edge": 1.0, "blur": 1.0})
+    fams = [s[2]["families"] for s in samples]
+    assert ["edge"] not in fams and fams.count(["blur"]) >= 15
+    only = draws(d, 5, normal_ratio=0, families={"edge": 1.0})  # nothing else to draw: stays normal, says why
+    assert all(s[2]["normal"] and "no visible defect" in s[2]["note"] for s in only)
+
+
+def test_visibility_is_relative_to_the_texture():
+    """The same 8-grey-level darkening stands out on a flat surface and not on a busy one."""
+    from synth.texture import visibility
+
+    g = np.random.default_rng(0)
+    flat = np.clip(120 + g.normal(0, 1, (64, 64)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    busy = np.clip(120 + 40 * ((yy // 2 + xx // 2) % 2) - 20 + g.normal(0, 1, (64, 64)), 0, 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 20:40] = 1
+    for surface, seen in ((flat, True), (busy, False)):
+        after = surface.copy()
+        after[mask > 0] -= 8
+        contrast, vis = visibility(surface, after, mask)
+        assert abs(contrast - 8) < 1e-6 and (vis >= SynthConfig().min_visibility) == seen, vis
+
+
+def test_kept_defects_stand_out_from_their_texture(ok_dir):
+    from synth.texture import visibility
+
+    cfg = SynthConfig()
+    for image, mask, rec, crop in draws(ok_dir, 60, normal_ratio=0, max_defects=1):
+        if not rec["normal"]:
+            contrast, vis = visibility(crop, image, mask)
+            assert contrast >= cfg.min_contrast and vis >= cfg.min_visibility, rec["families"]
+
+
+def test_half_of_splits_the_labelled_defects_in_fixed_disjoint_halves():
+    from core.io import half_of
+
+    items = list(range(11))
+    fit, score = half_of(items, "fit"), half_of(items, "score")
+    assert len(fit) == 6 and len(score) == 5 and sorted(fit + score) == items
+    assert half_of(items, "fit") == fit and half_of(items, "all") == items
+    with pytest.raises(InputError, match="half"):
+        half_of(items, "first")
+
+
+def test_simplex_qp_finds_the_constrained_minimum():
+    from seg.gap import simplex_qp
+
+    a = np.eye(3)
+    w = simplex_qp(a, np.array([1.0, 0.2, 0.0]))  # min |w|^2 - 2 w.b on the simplex: (0.9, 0.1, 0)
+    assert np.allclose(w, [0.9, 0.1, 0.0], atol=1e-4) and abs(w.sum() - 1) < 1e-9
+
+
+def test_fit_weights_favour_the_family_that_looks_like_the_real_defects(ok_dir, tmp_path):
+    """Real defects that are long lines: the fitted mix moves most of its weight to `line`."""
+    from seg.gap import fit_family_weights
+
+    pool = tmp_path / "pool"
+    generate(ok_dir, pool, 120, SynthConfig(normal_ratio=0, max_defects=1,
+                                            families={"bezier_blob": 1.0, "line": 1.0}), seed=0)
+    real = tmp_path / "real"
+    generate(ok_dir, real, 40, SynthConfig(normal_ratio=0, max_defects=1, families={"line": 1.0}), seed=9)
+    defaults = {"bezier_blob": 1.0, "line": 1.0}
+    r = fit_family_weights(pool, real / "images", defaults, keep=0.0)
+    assert r["weights"]["line"] > 0.7 and r["mmd_fitted"] < r["mmd_default"]
+    kept = fit_family_weights(pool, real / "images", defaults, keep=0.5)
+    assert kept["weights"]["bezier_blob"] >= 0.25  # half the default mix stays in
+
+
+def labelled_pits(folder, n=3):
+    """n labelled crops, each with one dark elliptic pit on the tile-like texture."""
+    (folder / "TC_Images").mkdir(parents=True)
+    (folder / "TC_Masks").mkdir()
+    for i in range(n):
+        img = textured(50 + i)[:128, :128].copy()
+        m = np.zeros((128, 128), np.uint8)
+        cv2.ellipse(m, (60 + 5 * i, 70), (9, 4), 30, 0, 360, 1, -1)
+        img[m > 0] = 20
+        cv2.imwrite(str(folder / "TC_Images" / f"d{i}.png"), img)
+        cv2.imwrite(str(folder / "TC_Masks" / f"d{i}.png"), m * 255)
+    return folder / "TC_Images"
+
+
+def test_transplant_reproduces_the_pasted_defects_mask_exactly(tmp_path):
+    from synth.transplant import RING, TransplantBank
+
+    real = labelled_pits(tmp_path / "real")
+    bank = TransplantBank(real)
+    assert len(bank.items) == 3
+    name = bank.names[0]
+    patch, pm = bank.items[name]
+    crop = textured(7)[:128, :128]
+    h, w = pm.shape
+    x0, y0 = 50, 40  # top-left corner of the pasted patch: a whole-pixel move
+    params = {"defect": name, "angle": 0.0, "scale": 1.0, "flip": 0, "center": [x0 + w / 2, y0 + h / 2],
+              "gain": 1.0}
+    out, mask = bank.render(crop, params)
+    expected = np.zeros((128, 128), np.uint8)
+    expected[y0:y0 + h, x0:x0 + w] = pm
+    assert np.array_equal(mask, expected)  # the real mask, moved, pixel for pixel
+    reach = cv2.dilate(mask, np.ones((2 * RING + 1, 2 * RING + 1), np.uint8))
+    assert np.array_equal(out[reach == 0], crop[reach == 0])
+    assert crop[mask > 0].mean() - out[mask > 0].mean() > 30  # the pit stays dark on its new surface
+
+
+def test_transplant_family_replays_and_refuses_a_missing_folder(ok_dir, tmp_path):
+    real = labelled_pits(tmp_path / "real")
+    cfg = dict(normal_ratio=0, families={"transplant": 1.0}, transplant=str(real))
+    samples = draws(ok_dir, 12, **cfg)
+    assert sum(s[2]["families"] == ["transplant"] for s in samples) >= 10
+    for image, mask, rec, crop in samples:
+        if not rec["normal"]:
+            again = engine_for(ok_dir, **cfg).render(rec, SourcePool(ok_dir))
+            assert np.array_equal(again[0], image) and np.array_equal(again[1], mask)
+    with pytest.raises(ValueError, match="families.transplant: needs synth.transplant"):
+        SynthConfig(families={"transplant": 1.0})
+    with pytest.raises(ValueError, match="no such folder"):
+        SynthConfig(transplant=str(tmp_path / "nowhere"))
+
+
+def test_cli_fit_weights_prints_an_override_that_trains(ok_dir, tmp_path):
+    """`synth fit-weights` prints every family (zeros too: a -s override merges into the defaults) and the
+    printed override is a valid config; a bad --half is one line."""
+    from seg.config import load_config
+
+    pool, real = tmp_path / "pool", tmp_path / "real"
+    generate(ok_dir, pool, 60, SynthConfig(normal_ratio=0, max_defects=1,
+                                           families={"bezier_blob": 1.0, "line": 1.0}), seed=0)
+    generate(ok_dir, real, 20, SynthConfig(normal_ratio=0, max_defects=1, families={"line": 1.0}), seed=9)
+    r = run_cli("synth", "fit-weights", str(pool), "--real", str(real / "images"), "-o", str(tmp_path / "w.json"))
+    assert r.returncode == 0, r.stderr
+    override = next(line for line in r.stdout.splitlines() if line.startswith("-s "))[4:-1]
+    weights = json.loads((tmp_path / "w.json").read_text())["weights"]
+    assert set(weights) == set(SynthConfig().families) and "edge: 0.0" in override
+    cfg = load_config(None, [override])
+    assert cfg["synth"]["families"] == weights
+    r = run_cli("synth", "fit-weights", str(pool), "--real", str(real / "images"), "--half", "first")
+    assert r.returncode == 2 and "half: expected all, fit or score" in r.stderr and "Traceback" not in r.stderr

@@ -21,3 +21,10 @@ def stalls_on_five(chunk: list[int]) -> list[int]:
     if 5 in chunk:
         time.sleep(120)
     return square(chunk)
+
+
+def slow_first_dies_on_five(chunk: list[int]) -> list[int]:
+    """The first chunk is slow, the worker holding item 5 dies at once: the death fails the slow chunk too."""
+    if 0 in chunk:
+        time.sleep(1.5)
+    return dies_on_five(chunk)
