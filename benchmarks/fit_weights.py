@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.run import DEV_SETS, FULL, QUICK, parse_sets, run_set  # noqa: E402
-from core.io import atomic_write_bytes, competition_dir, find_images  # noqa: E402
+from core.io import atomic_write_bytes, competition_dir, find_images, find_mask_dir, mask_path_for  # noqa: E402
 from ensemble.evaluate import compute_metrics, load_ground_truth, load_predictions  # noqa: E402
 from core.io import half_of, labelled_defects  # noqa: E402
 from seg.gap import fit_family_weights, gap_report  # noqa: E402
@@ -61,10 +61,13 @@ def scoring_layout(data: str, part: int, root: Path) -> Path:
     (train / "OK_Images").symlink_to(competition_dir(data, part, "OK_Images").resolve())
     for sub in ("TC_Images", "TC_Masks"):
         (test / sub).mkdir(parents=True)
+    masks = find_mask_dir(tc)
     for p in find_images(tc):
         if p.name not in fit:
             shutil.copy2(p, test / "TC_Images" / p.name)
-            shutil.copy2(tc.parent / "TC_Masks" / f"{p.stem}.png", test / "TC_Masks" / f"{p.stem}.png")
+            m = mask_path_for(p, tc, masks)
+            if m is not None:  # a crop without a mask is normal
+                shutil.copy2(m, test / "TC_Masks" / f"{p.stem}.png")
     return root
 
 

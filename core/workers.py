@@ -81,13 +81,20 @@ def ordered_map(fn: Callable[[list], list], items: Sequence, workers: int, initi
                 raise WorkerError(f"a worker made no progress for {stall:.0f} s on {describe(c)}; finished work is "
                                   "kept, rerun the same command to resume") from None
             except BrokenProcessPool:
-                # the death failed every chunk in flight, whichever worker held it: redo them one by one, each in
-                # a worker of its own, so the good ones are delivered and the error names the chunk that kills
+                # the death failed every chunk in flight, whichever worker held it: keep what had finished, redo
+                # the rest one by one, each in a worker of its own, so the good ones are delivered and the error
+                # names the chunk that kills
                 _stop(ex)
-                for cc in [c] + [p[0] for p in pending]:
-                    yield from _alone(fn, cc, initializer, initargs, stall, describe)
+                inflight = [(c, fut)] + list(pending)
+                for cc, ff in inflight:
+                    if ff.done() and not ff.cancelled() and ff.exception() is None:
+                        yield from ff.result()
+                    else:
+                        yield from _alone(fn, cc, initializer, initargs, stall, describe)
                 raise WorkerError(f"a worker process died (killed, out of memory, or failed to start) while on "
-                                  f"{describe(c)}; its work was redone, rerun the same command to resume") from None
+                                  f"{', '.join(describe(x) for x, _ in inflight)}; each finished when redone alone "
+                                  "(killed from outside?); finished work is kept, rerun the same command to resume"
+                                  ) from None
             nxt = next(chunks, None)
             if nxt is not None:
                 pending.append((nxt, ex.submit(fn, nxt)))

@@ -49,6 +49,8 @@ def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[l
     """n synthetic defective crops (image, mask) drawn on `pool` with the config's synthesis settings; without
     transplanted real defects (their folder stays on the machine that trained; they are not synthetic)."""
     families = {k: v for k, v in cfg["synth"]["families"].items() if k != "transplant"}
+    if not any(v > 0 for v in families.values()):  # trained on transplants only: the default synthetic mix
+        families = SynthConfig().families
     engine = DefectSynthesizer(SynthConfig.from_dict({**cfg["synth"], "normal_ratio": 0.0, "transplant": None,
                                                       "families": families}))
     images, masks = [], []

@@ -114,8 +114,8 @@ def gap_report(synth_dir: str | Path, real_dir: str | Path, patch: int = 48, see
     syn, fams, normals = synthetic_patches(synth_dir, patch)
     fr, fs = embed(real, extractor), embed(syn, extractor)
     rng = np.random.default_rng(seed)
-    half = rng.permutation(len(fr))
-    floor = kid(fr[half[: len(fr) // 2]], fr[half[len(fr) // 2:]], seed=seed)
+    perm = rng.permutation(len(fr))
+    floor = kid(fr[perm[: len(fr) // 2]], fr[perm[len(fr) // 2:]], seed=seed)
     report = {"real_patches": len(real), "synthetic_patches": len(syn), "patch": patch,
               "kid_synthetic": kid(fs, fr, seed=seed), "kid_real_halves": floor}
     if len(normals) >= 4:  # KID's scale depends on the features' magnitudes: the ratio compares parts
@@ -161,14 +161,17 @@ def fit_family_weights(synth_dir: str | Path, real_dir: str | Path, defaults: di
     The generated folder should hold samples of every family (e.g. generated with equal weights). Each family's
     single-family samples give a feature set S_f; for a mix w the squared MMD to the real patches R (KID's cubic
     kernel k) is w'Aw - 2 w'b + const with A_fg = mean k(S_f, S_g) and b_f = mean k(S_f, R), minimised over the
-    simplex. Only the families `defaults` weighs above 0 take part. A few real defects cannot say what the unseen
-    ones look like, so a share `keep` of the `defaults` mix stays in (no family drops out). Returns weights, the fitted and the default mix's estimated MMD^2, and
-    the count of real patches and of patches per family."""
+    simplex. Only the families `defaults` weighs above 0 take part; one with fewer than 8 single-family samples
+    in the folder (e.g. `edge` where no crop has an edge) cannot be measured and keeps its default share. A few
+    real defects cannot say what the unseen kinds look like, so a share `keep` of the default mix stays in: no
+    family drops out. Returns the weights (every family of `defaults`), the estimated MMD^2 of the default and the
+    fitted mix over the measured families (on the same real patches the weights were fitted to), and counts."""
     syn, fams, _ = synthetic_patches(synth_dir, patch)
     real = real_patches(real_dir, patch, half)
     extractor = _extractor()
     fs, fr = embed(syn, extractor), embed(real, extractor)
-    names = [f for f in sorted(defaults) if defaults[f] > 0 and sum(fl == [f] for fl in fams) >= 8]
+    used = {f: v / sum(v for v in defaults.values() if v > 0) for f, v in defaults.items() if v > 0}
+    names = [f for f in sorted(used) if sum(fl == [f] for fl in fams) >= 8]
     if not names:
         raise InputError(f"{synth_dir}: no family has 8 single-family samples (generate with equal weights)")
     sets = {f: fs[[i for i, fl in enumerate(fams) if fl == [f]]] for f in names}
@@ -176,7 +179,7 @@ def fit_family_weights(synth_dir: str | Path, real_dir: str | Path, defaults: di
     b = np.array([_kernel(sets[f], fr) for f in names])
     scale = float(np.abs(np.diag(a)).mean())
     w = simplex_qp(a / scale, b / scale)
-    d = np.array([defaults[f] for f in names])
+    d = np.array([used[f] for f in names])
     d = d / d.sum()
     mixed = (1 - keep) * w + keep * d
     c = _kernel(fr, fr, True)
@@ -184,10 +187,13 @@ def fit_family_weights(synth_dir: str | Path, real_dir: str | Path, defaults: di
     def mmd(v):
         return float(v @ a @ v - 2 * v @ b + c)
 
-    weights = {f: round(float(v), 4) for f, v in zip(names, mixed)}
-    weights.update({f: 0.0 for f in defaults if f not in weights})
+    unmeasured = [f for f in used if f not in names]
+    share = 1 - sum(used[f] for f in unmeasured)  # what the measured families weigh together, as by default
+    weights = {f: 0.0 for f in defaults}
+    weights.update({f: round(used[f], 4) for f in unmeasured})
+    weights.update({f: round(float(v) * share, 4) for f, v in zip(names, mixed)})
     return {"weights": weights, "fitted_only": {f: round(float(v), 4) for f, v in zip(names, w)},
-            "mmd_default": mmd(d), "mmd_fitted": mmd(mixed), "real_patches": len(real),
+            "unmeasured": unmeasured, "mmd_default": mmd(d), "mmd_fitted": mmd(mixed), "real_patches": len(real),
             "patches": {f: len(sets[f]) for f in names}, "keep": keep, "half": half}
 
 

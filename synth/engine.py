@@ -225,16 +225,23 @@ class DefectSynthesizer:
     def __init__(self, config: SynthConfig | None = None):
         self.config = config = config or SynthConfig()
         p = config.params
-        self.shapes = {name: cls(**p.get(name, {})) for name, cls in SHAPES.items()}
-        self.fills = {name: cls(**p.get(name, {})) for name, cls in FILLS.items()}
-        self.alpha = AlphaBlend(**p.get("alpha", {}))
+
+        def make(name, cls, *args):  # a misspelt range in `params` is one line naming it, not a TypeError
+            try:
+                return cls(*args, **p.get(name, {}))
+            except TypeError as e:
+                raise ValueError(f"params.{name}: {e}") from None
+
+        self.shapes = {name: make(name, cls) for name, cls in SHAPES.items()}
+        self.fills = {name: make(name, cls) for name, cls in FILLS.items()}
+        self.alpha = make("alpha", AlphaBlend)
         self.poisson = PoissonBlend()
-        self.warp = ElasticWarp(**p.get("elastic", {}))
-        self.displacement = Displacement(**p.get("displacement", {}))
+        self.warp = make("elastic", ElasticWarp)
+        self.displacement = make("displacement", Displacement)
         self.texture = TextureFamilies(p)
-        self.edge = EdgeDefect(**p.get("edge", {}))
-        self.bank = TransplantBank(config.transplant, config.channels, config.transplant_half,
-                                   config.transplant_limit, **p.get("transplant", {})) if config.transplant else None
+        self.edge = make("edge", EdgeDefect)
+        self.bank = make("transplant", TransplantBank, config.transplant, config.channels, config.transplant_half,
+                         config.transplant_limit) if config.transplant else None
         self._roi_file = read_mask(config.roi) if config.roi not in (None, "auto") else None
 
     # ----------------------------------------------------------------------------------------- drawing

@@ -87,6 +87,7 @@ def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, s
     todo = [i for i in range(n) if i not in done]
     start = time.perf_counter()
     args = (str(pool.root), pool.paths, config.to_dict(), seed, str(out))
+    DefectSynthesizer(config)  # what the workers will build: a bad setting (e.g. a transplant folder) is one line here
     with open(manifest, "a") as f:
         if workers <= 1:
             _init(*args)

@@ -74,7 +74,8 @@ class CropContext:
     @property
     def direction(self) -> float:
         """Angle (radians, image x to the right, y down) along which the texture runs: perpendicular to the
-        dominant gradient of the structure tensor. 0 for a texture without a direction."""
+        dominant gradient of the structure tensor. A texture without a direction gives an arbitrary angle (pi / 2
+        for a flat crop), which is harmless: lines on it may run any way."""
         if self._direction is None:
             g = _gray(self.crop)
             gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1)
@@ -203,16 +204,26 @@ def line_shape(rng, size: int, angle: float, length: float, width: float, bend: 
 
 class TextureFamilies:
     """Draws the records of the texture-relative families; the engine renders them like every masked family
-    (shape -> mask, fill -> what the surface becomes, alpha blend with a narrow soft edge)."""
+    (shape -> mask, fill -> what the surface becomes, alpha blend with a narrow soft edge). Their blend is always
+    that alpha (a Poisson blend would remove the change they make) and their blob masks are warped half the time,
+    whatever `synth.blends` and `synth.warp_probability` say; `stain` draws its own Perlin window and threshold."""
 
     NAMES = ("stain", "line", "blur", "sharpen", "shift")
 
+    KEYS = {"line": {"width_range", "length_range", "along_probability"}, "stain": {"window_range"}}
+
     def __init__(self, params: dict):
         p = params
+        for name, known in self.KEYS.items():
+            unknown = set(p.get(name, {})) - known
+            if unknown:
+                raise ValueError(f"params.{name}: unknown key {sorted(unknown)[0]!r} "
+                                 f"(known: {', '.join(sorted(known))})")
         self.perlin = PerlinShape(**p.get("perlin", {}))
         self.blob = BezierBlob(**{"scale_range": (0.04, 0.25), **p.get("bezier_blob", {})})
         self.gain = Gain(**p.get("gain", {}))
-        self.faint = Gain(**{"strength_range": (0.05, 0.35), "contrast_range": (0.5, 1.2), **p.get("gain", {})})
+        self.stain_gain = Gain(**{"strength_range": (0.05, 0.35), "contrast_range": (0.5, 1.2),  # large, so faint
+                                  **p.get("gain", {})})
         self.blur = Blur(**p.get("blur", {}))
         self.sharpen = Sharpen(**p.get("sharpen", {}))
         self.shift = Shift(**p.get("shift", {}))
@@ -230,7 +241,7 @@ class TextureFamilies:
             shape["window"] = round(uniform(rng, self.stain_window) * size, 2)
             shape["threshold"] = round(uniform(rng, (0.15, 0.45)), 3)
             return {"family": family, "shape": shape, "warp": None,
-                    "fill": {"kind": "gain", **self.faint.get_params(rng, size)}, "blend": soft}
+                    "fill": {"kind": "gain", **self.stain_gain.get_params(rng, size)}, "blend": soft}
         if family == "line":
             u = rng.uniform()
             angle = ctx.direction if u < self.line_along else (

@@ -44,7 +44,8 @@ class TransplantBank:
                     continue
                 g = self.MARGIN
                 y0, y1, x0, x1 = max(0, y - g), min(m.shape[0], y + h + g), max(0, x - g), min(m.shape[1], x + w + g)
-                self.items[f"{Path(image_path).name}#{k}"] = (img[y0:y1, x0:x1].copy(),
+                rel = Path(image_path).relative_to(folder).as_posix()  # unique in a recursive folder
+                self.items[f"{rel}#{k}"] = (img[y0:y1, x0:x1].copy(),
                                                               (labels[y0:y1, x0:x1] == k).astype(np.uint8))
         if not self.items:
             raise InputError(f"{folder}: no labelled defect to transplant (masks with a region of 4 px or more)")

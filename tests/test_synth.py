@@ -323,12 +323,13 @@ def high_pass(img):
 
 @pytest.mark.parametrize("family", ["stain", "line", "blur", "sharpen", "shift", "edge"])
 def test_texture_families_give_masks_of_their_kind_and_touch_nothing_else(ok_dir, family):
-    from synth.texture import CropContext, Shift
+    from synth.texture import Shift
 
     samples = one_family(ok_dir, family, 60 if family == "edge" else 24)
     assert len(samples) >= (8 if family == "edge" else 16), family  # edge: only crops that reach the dark band
     r = edge_radius(1.5)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    checked = 0  # samples whose mask has an interior away from the soft rim, where the look is checked
     for image, mask, rec, crop in samples:
         assert rec["families"] == [family]
         outside = cv2.dilate(mask, kernel) == 0
@@ -338,22 +339,26 @@ def test_texture_families_give_masks_of_their_kind_and_touch_nothing_else(ok_dir
         if family == "stain":  # large, and the texture survives under the shading
             assert mask.sum() >= 150
             if inner.sum() > 50:
+                checked += 1
                 assert np.corrcoef(high_pass(image)[inner], high_pass(crop)[inner])[0, 1] > 0.5
         if family == "line":  # long and thin: crosses a good part of the crop
+            checked += 1
             (_, _), (w, h), _ = cv2.minAreaRect(cv2.findNonZero(mask))
             assert max(w, h) >= 0.3 * 128 or max(w, h) >= 4 * min(w, h), (w, h)
         if family in ("blur", "sharpen") and inner.sum() > 30:  # the texture is smoothed away or exaggerated
+            checked += 1
             before, after = np.abs(high_pass(crop)[inner]).mean(), np.abs(high_pass(image)[inner]).mean()
             assert (after < before) if family == "blur" else (after > before)
         if family == "shift" and inner.sum() > 30:  # the content inside is the crop moved by the recorded offset
+            checked += 1
             moved = np.clip(np.round(Shift.render(crop, mask, d["fill"], crop)), 0, 255)
             assert np.abs(image[inner].astype(int) - moved[inner]).mean() < 1.5
-        if family == "edge":  # on the detected edge: the displacement is centred on an edge point, the mask at it
-            points, _ = CropContext(crop).edges(40.0)
-            cx, cy = d["displacement"]["center"]
-            assert np.hypot(points[:, 0] - cx, points[:, 1] - cy).min() < 1e-6
+        if family == "edge":  # on the image's edge: the dark band of the tile-like images ends at x = 22
+            checked += 1
+            column = 22 - rec["crop"][0]
             ys, xs = np.nonzero(mask)
-            assert np.hypot(xs - cx, ys - cy).min() <= 3
+            assert 0 <= column < 128 and np.abs(xs - column).min() <= 3, (column, xs.min(), xs.max())
+    assert checked >= 4, (family, checked)
 
 
 def test_lines_follow_the_texture_direction(ok_dir):
@@ -435,11 +440,13 @@ def test_fit_weights_favour_the_family_that_looks_like_the_real_defects(ok_dir, 
                                             families={"bezier_blob": 1.0, "line": 1.0}), seed=0)
     real = tmp_path / "real"
     generate(ok_dir, real, 40, SynthConfig(normal_ratio=0, max_defects=1, families={"line": 1.0}), seed=9)
-    defaults = {"bezier_blob": 1.0, "line": 1.0}
+    defaults = {"bezier_blob": 1.0, "line": 1.0, "stain": 2.0, "shift": 0.0}
     r = fit_family_weights(pool, real / "images", defaults, keep=0.0)
-    assert r["weights"]["line"] > 0.7 and r["mmd_fitted"] < r["mmd_default"]
+    assert r["weights"]["line"] > 0.35 and r["mmd_fitted"] < r["mmd_default"]
+    assert r["weights"]["stain"] == 0.5 and r["unmeasured"] == ["stain"]  # no samples of it: its default share
+    assert r["weights"]["shift"] == 0.0  # off by default: stays off
     kept = fit_family_weights(pool, real / "images", defaults, keep=0.5)
-    assert kept["weights"]["bezier_blob"] >= 0.25  # half the default mix stays in
+    assert kept["weights"]["bezier_blob"] >= 0.125  # half the default mix stays in
 
 
 def labelled_pits(folder, n=3):
@@ -511,3 +518,16 @@ def test_cli_fit_weights_prints_an_override_that_trains(ok_dir, tmp_path):
     assert cfg["synth"]["families"] == weights
     r = run_cli("synth", "fit-weights", str(pool), "--real", str(real / "images"), "--half", "first")
     assert r.returncode == 2 and "half: expected all, fit or score" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_synthesis_settings_are_one_line_before_any_worker_starts(ok_dir, tmp_path):
+    with pytest.raises(ValueError, match="params.line: unknown key 'widht_range'"):
+        DefectSynthesizer(SynthConfig(params={"line": {"widht_range": (0.01, 0.02)}}))
+    with pytest.raises(ValueError, match="params.edge: .*'bogus'"):
+        DefectSynthesizer(SynthConfig(params={"edge": {"bogus": 1}}))
+    bare = tmp_path / "bare" / "images"  # a transplant folder without masks: named by the main process
+    bare.mkdir(parents=True)
+    cv2.imwrite(str(bare / "a.png"), textured(1))
+    cfg = SynthConfig(transplant=str(bare), families={"transplant": 1.0})
+    with pytest.raises(InputError, match="no masks folder beside it"):
+        generate(ok_dir, tmp_path / "out", 10, cfg, workers=2)
