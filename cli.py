@@ -171,7 +171,7 @@ def synth_fit_weights(
     """The synthetic family mix closest to real defects (minimum KID-kernel MMD over the family weights); prints
     the override to train with it: -s 'synth.families={...}'."""
     from core.io import write_json
-    from seg.gap import fit_family_weights
+    from seg.gap import families_override, fit_family_weights
     from synth.engine import SynthConfig
 
     with user_errors():
@@ -181,8 +181,7 @@ def synth_fit_weights(
             write_json(out, r)
         console.print(f"{r['real_patches']} real defect patches; estimated MMD^2 to them: default mix "
                       f"{r['mmd_default']:.4g}, fitted mix {r['mmd_fitted']:.4g}")
-        flow = ", ".join(f"{k}: {v}" for k, v in sorted(r["weights"].items()))  # zeros too: overrides merge
-        typer.echo(f"-s 'synth.families={{{flow}}}'")  # on stdout: the product, for scripts
+        typer.echo(f"-s '{families_override(r['weights'])}'")  # on stdout: the product, for scripts
 
 
 @synth_app.command("preview")

@@ -32,7 +32,7 @@ from benchmarks.run import DEV_SETS, FULL, QUICK, parse_sets, run_set  # noqa: E
 from core.io import atomic_write_bytes, competition_dir, find_images, find_mask_dir, mask_path_for  # noqa: E402
 from ensemble.evaluate import compute_metrics, load_ground_truth, load_predictions  # noqa: E402
 from core.io import half_of, labelled_defects  # noqa: E402
-from seg.gap import fit_family_weights, gap_report  # noqa: E402
+from seg.gap import families_override, fit_family_weights, gap_report  # noqa: E402
 from synth.engine import FAMILIES, SynthConfig  # noqa: E402
 from synth.generate import generate  # noqa: E402
 
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
         log(f"{label}: gap (scoring half) " + ", ".join(f"{v} {row[f'gap_{v}']:.2f}" for v in synth) +
             f"; fitted weights {weights}")
         root = scoring_layout(data, part, base / "data")
-        flow = {"fitted": ("synth.families={" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}",),
+        flow = {"fitted": (families_override(weights),),
                 "transplant": (f"synth.transplant={tc}", "synth.transplant_half=fit",
                                f"synth.transplant_limit={a.transplant_n}", "synth.families.transplant=1.5")}
         scoring = root / f"round_test/part{part}/TC_Images"

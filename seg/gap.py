@@ -197,6 +197,12 @@ def fit_family_weights(synth_dir: str | Path, real_dir: str | Path, defaults: di
             "patches": {f: len(sets[f]) for f in names}, "keep": keep, "half": half}
 
 
+def families_override(weights: dict) -> str:
+    """The config override that trains with `weights`: every family, zeros too (an override merges into the
+    defaults, so a family left out would keep its default weight)."""
+    return "synth.families={" + ", ".join(f"{k}: {v}" for k, v in sorted(weights.items())) + "}"
+
+
 def nearest_grid(real, syn, fr, fs, seed: int, n: int = 12) -> bytes:
     """PNG: rows of (real patch, its nearest synthetic patch in feature space), n random real patches."""
     rng = np.random.default_rng(seed)
@@ -234,4 +240,4 @@ def write_report(report: dict, out: str | Path) -> Path:
     return out / "gap.md"
 
 
-__all__ = ["gap_report", "write_report", "kid", "defect_patches", "fit_family_weights"]
+__all__ = ["gap_report", "write_report", "kid", "defect_patches", "fit_family_weights", "families_override"]

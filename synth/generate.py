@@ -87,12 +87,12 @@ def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, s
     todo = [i for i in range(n) if i not in done]
     start = time.perf_counter()
     args = (str(pool.root), pool.paths, config.to_dict(), seed, str(out))
-    DefectSynthesizer(config)  # what the workers will build: a bad setting (e.g. a transplant folder) is one line here
     with open(manifest, "a") as f:
         if workers <= 1:
             _init(*args)
             _consume(map(_make, todo), f, progress)
         else:
+            DefectSynthesizer(config)  # what the workers build: a bad setting (a transplant folder) is one line here
             _consume(ordered_map(_make_chunk, todo, workers, _init_worker, args, describe=_describe), f, progress)
     seconds = time.perf_counter() - start
     return {"written": len(todo), "held_out": len(settings["held_out"]), "skipped": len(done & set(range(n))),
