@@ -39,7 +39,9 @@ from core.io import atomic_write_bytes, competition_dir, read_image, read_json_f
 QUICK = {"epochs": 4, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
 FULL = {"epochs": 12, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
-METHODS = ("unet", "evidence", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
+METHODS = ("unet", "evidence", "simplenet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
+SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
+              ("simplenet", "simplenet", "simplenet_s0"))  # (arch, method, folder): trained by `seg train`
 CONFIG = str(ROOT / "configs" / "default.yaml")
 
 
@@ -134,7 +136,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         write_json(steps_file, steps)
 
     files = {}
-    for arch, method, folder in (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0")):
+    for arch, method, folder in SEGMENTERS:
         if method in methods or f"hybrid{'' if method == 'unet' else '_' + method}" in methods:
             files[method] = out / folder / "best.pt"
             step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), "--epochs", str(b["epochs"]),
@@ -148,7 +150,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
                                    "-s", f"baseline.n_train={b['n_train']}",
                                    "-s", f"baseline.ae_steps={b['ae_steps']}"],
                  files[method])
-    rows = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]), "PaDiM": ("padim", ["padim"]),
+    rows = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
+            "SimpleNet": ("simplenet", ["simplenet"]), "PaDiM": ("padim", ["padim"]),
             "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
             "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
             "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"])}
@@ -171,7 +174,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         m = compute_metrics(masks, gt, probs, scores)
         best = oracle(out / "pred" / slug, test_images, stems, gt, probs)
         summary = read_json_file(out / "pred" / slug / "predict.json")
-        keys = [f"train_{x}" if x in ("unet", "evidence") else f"fit_{x}" for x in parts]
+        keys = [f"train_{x}" if x in {m for _, m, _ in SEGMENTERS} else f"fit_{x}" for x in parts]
         fit = [steps[k] for k in keys if k in steps]
         m.update(oracle_score=best["score"], calibration_loss=best["score"] - m["score"],
                  fit_seconds=sum(x["seconds"] for x in fit) if fit else float("nan"),

@@ -27,6 +27,7 @@ DEFAULTS: dict = {
     "train": {
         "epochs": 12, "steps_per_epoch": 40, "batch_size": 16, "lr": 2e-3, "weight_decay": 1e-4,
         "scheduler": "cosine", "mask_loss": "dice_bce", "image_loss_weight": 0.3, "deep_loss_weight": 0.3,
+        "aux_loss_weight": 1.0,
         "curriculum": {"schedule": "linear", "start": 0.4, "end": 1.0, "ramp_epochs": 8},
         "augment": {"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.3, "noise": 0.2, "blur": 0.1,
                     "shift": 0.2},
@@ -50,7 +51,7 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    "model.arch": ("unet", "unet3plus", "evidence_unet"), "model.weights": ("lite", "imagenet", "none"),
+    "model.arch": ("unet", "unet3plus", "evidence_unet", "simplenet"), "model.weights": ("lite", "imagenet", "none"),
     "model.in_channels": (1, 3), "train.scheduler": ("cosine", "onecycle"),
     "train.mask_loss": ("dice_bce", "dice_focal"), "train.curriculum.schedule": ("none", "linear", "step"),
     "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),
@@ -63,9 +64,9 @@ POSITIVE = ("train.epochs", "train.steps_per_epoch", "train.batch_size", "train.
             "predict.batch_size", "calibrate.normal_crops", "calibrate.synth_n", "model.normal_crops",
             "baseline.n_train", "baseline.n_val", "baseline.padim_dims", "baseline.ae_steps", "baseline.ae_batch",
             "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")
-NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.workers",
-                "train.early_stopping", "train.curriculum.ramp_epochs", "predict.min_area", "predict.opening",
-                "predict.tile_overlap", "predict.window")
+NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.aux_loss_weight",
+                "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs", "predict.min_area",
+                "predict.opening", "predict.tile_overlap", "predict.window")
 UNIT = ("data.holdout", "calibrate.target_overkill", "model.coreset_ratio", "baseline.coreset_ratio",
         "train.curriculum.start", "train.curriculum.end", *(f"train.augment.{k}" for k in DEFAULTS["train"]["augment"]))
 EXISTING = ("data.ok_dir", "data.test_dir", "train.val_dir", "train.synth_dir")

@@ -205,7 +205,8 @@ class Trainer:
         unused = t["image_loss_weight"] == 0 or t["deep_loss_weight"] == 0
         self.net = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=unused)
                     if self.distributed else self.model)
-        self.loss_fn = SegmentationLoss(t["mask_loss"], t["image_loss_weight"], t["deep_loss_weight"])
+        self.loss_fn = SegmentationLoss(t["mask_loss"], t["image_loss_weight"], t["deep_loss_weight"],
+                                        t.get("aux_loss_weight", 1.0))  # files older than the key
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
         total = t["epochs"] * t["steps_per_epoch"]
         if t["scheduler"] == "onecycle":

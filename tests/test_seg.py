@@ -12,6 +12,7 @@ from conftest import ROOT
 
 from seg.config import load_config
 from seg.curriculum import CurriculumSchedule
+from seg.losses import SegmentationLoss
 from seg.models import create_model
 from seg.models.encoders import lite_state_dict
 from core.postprocess import final_mask
@@ -21,7 +22,7 @@ from core.io import InputError
 SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet"])
+@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet"])
 @pytest.mark.parametrize("encoder,channels,size", [("tu-tf_efficientnet_lite0", 1, 64), ("resnet18", 3, 96)])
 def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size):
     torch.manual_seed(0)
@@ -32,7 +33,7 @@ def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size)
     assert out["image"].shape == (2, 1)
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet"])
+@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet"])
 def test_every_arch_round_trips_through_its_model_file(arch, ok_dir, tmp_path):
     """save_model_file -> load_model (the inference path) gives bit-identical outputs, for every segmenter."""
     from core.modelfile import save_model_file
@@ -331,3 +332,39 @@ def test_evidence_unet_trains_in_the_same_loop_and_reloads(ok_dir, tmp_path):
     bank = load_checkpoint(tmp_path / "ev" / "best.pt")["model"]["net.evidence.bank"]
     assert bank.shape[0] > 1 and torch.equal(model.net.evidence.bank, bank)
     assert config["model"]["arch"] == "evidence_unet"
+
+
+def test_simplenet_learns_in_the_same_loop_to_flag_a_planted_pit(ok_dir, tmp_path):
+    """Trained by `seg train` on synthetic defects (its feature-noise term added by the loss), SimpleNet's map is
+    higher on a planted dark pit than on the surface around it; the noise term alone reaches the adaptor and the
+    discriminator, and is gone in eval mode or without noise."""
+    import cv2
+    import numpy as np
+
+    from ensemble.models import load_model
+    from synth.dataset import crops_tensor
+    from synth.engine import SourcePool
+
+    torch.manual_seed(0)
+    cfg = tiny_config(ok_dir, tmp_path / "sn", epochs=2, steps_per_epoch=30, batch_size=8)
+    cfg["synth"]["size"] = 128
+    cfg["model"].update(arch="simplenet", weights="lite")
+    logs = []
+    train(cfg, log=logs.append)
+    model, config, _ = load_model(tmp_path / "sn" / "best.pt", torch.device("cpu"))
+    assert config["model"]["arch"] == "simplenet"
+    assert not torch.equal(model.net.adaptor.weight.flatten(1), torch.eye(model.net.adaptor.weight.shape[0]))
+    crop = SourcePool(ok_dir).random_crops(1, 7)[0].copy()
+    mask = np.zeros((128, 128), np.uint8)
+    cv2.circle(mask, (70, 64), 9, 1, -1)
+    crop[mask > 0] = 15
+    with torch.no_grad():
+        out = model(crops_tensor([crop]))["mask"][0, 0].numpy()
+    ring = cv2.dilate(mask, np.ones((41, 41))) == 0
+    assert out[mask > 0].mean() > out[ring].mean() + 1.0, (out[mask > 0].mean(), out[ring].mean())
+    model.train()
+    parts = SegmentationLoss()(model(crops_tensor([crop] * 2)), torch.zeros(2, 1, 128, 128), torch.zeros(2, 1))
+    parts["aux"].backward()  # the feature-space term alone trains the adaptor and the discriminator
+    assert model.net.adaptor.weight.grad.abs().sum() > 0 and model.net.discriminator[0].weight.grad.abs().sum() > 0
+    model.net.noise = 0.0
+    assert "aux" not in model(crops_tensor([crop] * 2)) and "aux" not in model.eval()(crops_tensor([crop]))

@@ -2,7 +2,9 @@
 
 Every model is wrapped in `Segmenter`, which takes images in [0, 1], normalises them the way its encoder's
 weights expect (so a checkpoint alone fixes its preprocessing) and returns a dict:
-`{"mask": (B,1,H,W) logits, "image": (B,1) logits or None, "deep": list of (B,1,H,W) logits or None}`.
+`{"mask": (B,1,H,W) logits, "image": (B,1) logits or None, "deep": list of (B,1,H,W) logits or None}`, and in
+training mode, for a model with a self-supervised term of its own (`simplenet`), `"aux"`: a scalar loss the training
+loss adds.
 
 Example:
     >>> m = create_model("unet3plus", "tu-tf_efficientnet_lite0", weights="none", in_channels=1)
@@ -22,9 +24,10 @@ from core.io import InputError
 
 from .encoders import LITE_ENCODERS, load_lite_weights
 from .evidence import EvidenceUnet
+from .simplenet import SimpleNet
 from .unet3plus.model import UNet3Plus
 
-ARCHS = ("unet", "unet3plus", "evidence_unet")
+ARCHS = ("unet", "unet3plus", "evidence_unet", "simplenet")
 
 
 class Segmenter(nn.Module):
@@ -52,6 +55,8 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
         xn = (x - self.mean) / self.std
         out = self.net(xn, raw=x) if getattr(self.net, "wants_raw", False) else self.net(xn)
+        if isinstance(out, dict):  # a net that names its outputs (simplenet)
+            return {"image": None, "deep": None, **out}
         if self.arch == "unet3plus":
             mask, image, deep = out
         elif isinstance(out, tuple):
@@ -69,7 +74,9 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
     and `cgm` apply to it alone) or `evidence_unet` (smp Unet on the image plus a normal model's evidence, see
-    `seg.models.evidence`; call `fit_normal` on OK crops before training). weights: `lite` (offline ImageNet
+    `seg.models.evidence`; call `fit_normal` on OK crops before training) or `simplenet` (a discriminator on the
+    frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units).
+    weights: `lite` (offline ImageNet
     weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub weights, needs internet), or `none`.
     """
     if arch not in ARCHS:
@@ -86,6 +93,9 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
             aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
             net = smp.Unet(encoder, encoder_weights=hub, in_channels=in_channels, classes=1,
                            decoder_channels=tuple(decoder_channels), aux_params=aux)
+        elif arch == "simplenet":
+            backbone = encoder[3:] if encoder.startswith("tu-") else encoder
+            net = SimpleNet(backbone, weights, hidden=2 * decoder_channels[0], image_head=image_head)
         elif arch == "evidence_unet":
             net = EvidenceUnet(encoder, hub, in_channels, decoder_channels, image_head, weights, coreset_ratio)
         else:

@@ -92,13 +92,17 @@ def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, project: int | Non
 
 def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096):
     """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats (one chunk
-    when exporting to ONNX, whose graph must not depend on the number of rows)."""
+    when exporting to ONNX, whose graph must not depend on the number of rows).
+
+    The search uses `torch.cdist` (a matrix product, |q|^2 - 2 q.b + |b|^2), whose float32 cancellation costs
+    digits, and different ones in PyTorch and in onnxruntime; the distances returned are recomputed directly from
+    the rows found, so the same row gives the same distance on both backends, to rounding."""
+
+    def one(q):
+        _, i = torch.cdist(q, bank).topk(k, dim=1, largest=False)
+        return torch.linalg.vector_norm(q[:, None, :] - bank[i], dim=-1), i
+
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
-        return torch.cdist(query, bank).topk(k, dim=1, largest=False)
-    ds, ix = [], []
-    for s in range(0, len(query), chunk):
-        d = torch.cdist(query[s:s + chunk], bank)
-        v, i = d.topk(k, dim=1, largest=False)
-        ds.append(v)
-        ix.append(i)
+        return one(query)
+    ds, ix = zip(*(one(query[s:s + chunk]) for s in range(0, len(query), chunk)))
     return torch.cat(ds), torch.cat(ix)
