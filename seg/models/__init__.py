@@ -76,8 +76,8 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     and `cgm` apply to it alone) or `evidence_unet` (smp Unet on the image plus a normal model's evidence, see
     `seg.models.evidence`; call `fit_normal` on OK crops before training) or `simplenet` (a discriminator on the
     frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units).
-    weights: `lite` (offline ImageNet
-    weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub weights, needs internet), or `none`.
+    weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub
+    weights, needs internet), or `none`.
     """
     if arch not in ARCHS:
         raise InputError(f"model.arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
