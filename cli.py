@@ -169,7 +169,9 @@ def synth_fit_weights(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
 ):
     """The synthetic family mix closest to real defects (minimum KID-kernel MMD over the family weights); prints
-    the override to train with it: -s 'synth.families={...}'."""
+    the override to train with it: -s 'synth.families={...}'. Measured on five parts, training with the fitted mix
+    lowered the score (it concentrates on the kinds the few real defects show); transplanting the same defects
+    (-s synth.transplant=DIR) raised it. Use the weights to see which families look like your defects."""
     from core.io import write_json
     from seg.gap import families_override, fit_family_weights
     from synth.engine import SynthConfig
