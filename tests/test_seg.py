@@ -368,3 +368,8 @@ def test_simplenet_learns_in_the_same_loop_to_flag_a_planted_pit(ok_dir, tmp_pat
     assert model.net.adaptor.weight.grad.abs().sum() > 0 and model.net.discriminator[0].weight.grad.abs().sum() > 0
     model.net.noise = 0.0
     assert "aux" not in model(crops_tensor([crop] * 2)) and "aux" not in model.eval()(crops_tensor([crop]))
+
+
+def test_simplenet_names_the_model_key_of_a_bad_encoder():
+    with pytest.raises(InputError, match="^model.encoder: cannot build 'efficientnet-b9x'"):
+        create_model("simplenet", "efficientnet-b9x", "none", 1, **SMALL)

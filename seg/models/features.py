@@ -21,18 +21,20 @@ from .encoders import load_lite_weights
 
 
 class FeatureExtractor(nn.Module):
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", out_indices=(1, 2, 3)):
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", out_indices=(1, 2, 3),
+                 keys: tuple[str, str] = ("baseline.backbone", "baseline.weights")):
+        """keys: the config keys that errors name (the backbone's, the weights')."""
         super().__init__()
         if weights not in ("lite", "imagenet", "none"):
-            raise InputError(f"baseline.weights: expected lite, imagenet or none, got {weights!r}")
+            raise InputError(f"{keys[1]}: expected lite, imagenet or none, got {weights!r}")
         try:
             self.model = timm.create_model(backbone, features_only=True, out_indices=tuple(out_indices),
                                            pretrained=weights == "imagenet")
         except RuntimeError as e:
-            raise InputError(f"baseline.backbone: cannot build {backbone!r} ({e})") from None
+            raise InputError(f"{keys[0]}: cannot build {backbone!r} ({e})") from None
         if weights == "lite":
             if not backbone.startswith("tf_efficientnet_lite"):
-                raise InputError(f"baseline.weights: 'lite' weights exist for tf_efficientnet_lite0..4, not {backbone}")
+                raise InputError(f"{keys[1]}: 'lite' weights exist for tf_efficientnet_lite0..4, not {backbone}")
             load_lite_weights(self.model, int(backbone[-1]))
         tf_style = backbone.startswith("tf_") or weights == "none"
         mean, std = ((0.5,) * 3, (0.5,) * 3) if tf_style else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

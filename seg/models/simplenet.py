@@ -35,7 +35,8 @@ class SimpleNet(nn.Module):
                  noise: float = 0.25, image_head: bool = True):
         super().__init__()
         # `lite` weights are loaded by `create_model` into `encoder`, as for every segmenter
-        self.extractor = FeatureExtractor(backbone, "none" if weights == "lite" else weights, (2, 3))
+        self.extractor = FeatureExtractor(backbone, "none" if weights == "lite" else weights, (2, 3),
+                                          keys=("model.encoder", "model.weights"))
         self.encoder = self.extractor
         for p in self.extractor.parameters():
             p.requires_grad_(False)
