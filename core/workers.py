@@ -18,7 +18,7 @@ import multiprocessing as mp
 import os
 import sys
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Sequence
@@ -70,7 +70,7 @@ def ordered_map(fn: Callable[[list], list], items: Sequence, workers: int, initi
     chunks = _chunks(items, chunk)
     try:
         for c in chunks:
-            pending.append((c, ex.submit(fn, c)))
+            pending.append((c, _submit(ex, fn, c)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -97,10 +97,21 @@ def ordered_map(fn: Callable[[list], list], items: Sequence, workers: int, initi
                                   ) from None
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append((nxt, ex.submit(fn, nxt)))
+                pending.append((nxt, _submit(ex, fn, nxt)))
             yield from results
     finally:
         _stop(ex)
+
+
+def _submit(ex: ProcessPoolExecutor, fn, c: list) -> Future:
+    """`ex.submit(fn, c)`; once a worker has died the pool refuses new work, and the chunk gets a failed future
+    instead, which the caller redoes with the other chunks in flight."""
+    try:
+        return ex.submit(fn, c)
+    except BrokenProcessPool as e:
+        fut: Future = Future()
+        fut.set_exception(e)
+        return fut
 
 
 def _alone(fn, c: list, initializer, initargs, stall: float, describe) -> list:

@@ -56,6 +56,25 @@ def test_a_dead_or_stalled_worker_ends_the_run_with_a_clear_error():
         list(ordered_map(work.stalls_on_five, list(range(12)), 2, chunk=4, stall_seconds=3))
 
 
+def test_a_pool_broken_between_two_chunks_fails_the_next_chunk_instead_of_raising():
+    """The race CI met: a worker dies after `ordered_map` took a result and before it submits the next chunk; the
+    pool then refuses the submit. `_submit` gives that chunk a failed future, redone with the others in flight."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from core.workers import _stop, _submit, context
+
+    ex = ProcessPoolExecutor(1, mp_context=context())
+    try:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(work.dies_on_five, [5]).result(timeout=60)
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(work.square, [1])  # what ordered_map called, and what raised out of it
+        assert isinstance(_submit(ex, work.square, [1]).exception(timeout=0), BrokenProcessPool)
+    finally:
+        _stop(ex)
+
+
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=-3", "train.batch_size must be positive"),
