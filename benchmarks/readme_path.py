@@ -19,20 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.fit_weights import subset_metrics  # noqa: E402
 from benchmarks.run import DEV_SETS, parse_sets, run  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_json_file  # noqa: E402
 from core.modelfile import load_model_file  # noqa: E402
-from ensemble.evaluate import compute_metrics, load_ground_truth, load_predictions  # noqa: E402
-
-KEYS = ("score", "escape", "overkill", "miou", "pixel_ap")
-
-
-def metrics(pred: Path, images: Path) -> dict:
-    _, stems, gt = load_ground_truth(images)
-    masks, probs, scores = load_predictions(pred, stems, [g.shape for g in gt])
-    m = compute_metrics(masks, gt, probs, [scores[s] for s in stems] if scores else None)
-    return {k: m[k] for k in KEYS}
-
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,8 +42,8 @@ def main(argv=None) -> dict:
         run(["ensemble", "calibrate", "-m", str(model), "-o", str(spec)], print)
         run(["ensemble", "predict", "-e", str(spec), "--images", str(images), "-o", str(out / label)], print)
         own = load_model_file(model).get("calibration", {}).get("params", {})
-        rows[label] = {"readme": metrics(source / label / "pred" / a.pred, images),
-                       "calibrate": metrics(out / label, images), "threshold_file": own.get("threshold"),
+        rows[label] = {"readme": subset_metrics(source / label / "pred" / a.pred, images),
+                       "calibrate": subset_metrics(out / label, images), "threshold_file": own.get("threshold"),
                        "threshold_calibrate": read_json_file(spec)["params"]["threshold"]}
         r = rows[label]
         print(f"{label}: README path {r['readme']['score']:.4f}, ensemble calibrate {r['calibrate']['score']:.4f}",
