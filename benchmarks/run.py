@@ -39,9 +39,10 @@ from core.io import atomic_write_bytes, competition_dir, read_image, read_json_f
 QUICK = {"epochs": 4, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
 FULL = {"epochs": 12, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
-METHODS = ("unet", "evidence", "simplenet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
+METHODS = ("unet", "evidence", "simplenet", "realnet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
-              ("simplenet", "simplenet", "simplenet_s0"))  # (arch, method, folder): trained by `seg train`
+              ("simplenet", "simplenet", "simplenet_s0"),
+              ("realnet", "realnet", "realnet_s0"))  # (arch, method, folder): trained by `seg train`
 CONFIG = str(ROOT / "configs" / "default.yaml")
 
 
@@ -151,7 +152,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
                                    "-s", f"baseline.ae_steps={b['ae_steps']}"],
                  files[method])
     rows = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
-            "SimpleNet": ("simplenet", ["simplenet"]), "PaDiM": ("padim", ["padim"]),
+            "SimpleNet": ("simplenet", ["simplenet"]), "RealNet": ("realnet", ["realnet"]),
+            "PaDiM": ("padim", ["padim"]),
             "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
             "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
             "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"])}
@@ -204,6 +206,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
     ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
                     help="config override for the segmenters' training, e.g. -s synth.min_visibility=0 (repeatable)")
+    ap.add_argument("--lofo", action="store_true",
+                    help="the leave-one-family-out check instead (benchmarks/lofo.py): lofo.md in --out")
     ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"),
                     help="TTA of the hybrid ensembles (single model files use the TTA they store)")
     a = ap.parse_args(argv)
@@ -218,15 +222,26 @@ def main(argv=None) -> dict:
         print(m, flush=True)
 
     start = time.perf_counter()
+    sets = parse_sets(a.sets, a.data, a.part, a.data_root)
+
+    def run_meta(done: dict) -> dict:
+        machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
+        return {"date": datetime.date.today().isoformat(), "machine": machine, "mode": "quick" if a.quick else "full",
+                "hybrid_tta": a.hybrid_tta, "overrides": a.overrides,
+                "sets": list(done), "minutes": (time.perf_counter() - start) / 60}
+
+    if a.lofo:
+        from benchmarks import lofo
+
+        results = lofo.run_lofo(sets, out, b, a.reuse, log, CONFIG)
+        print(lofo.write_report(out, run_meta(results), results))
+        return results
     per_set = {}
-    for label, data, part in parse_sets(a.sets, a.data, a.part, a.data_root):
+    for label, data, part in sets:
         per_set[label] = run_set(label, data, part, out / label, b, methods, a.reuse, log, a.hybrid_tta,
                                  tuple(a.overrides))
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine, "mode": "quick" if a.quick else "full",
-            "hybrid_tta": a.hybrid_tta, "overrides": a.overrides,
-            "sets": list(per_set), "minutes": (time.perf_counter() - start) / 60}
+    meta = run_meta(per_set)
     write_json(out / "results.json", {"meta": meta, "results": per_set})
     md = results_markdown(meta, per_set)
     atomic_write_bytes(out / "results.md", md.encode())

@@ -51,7 +51,8 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    "model.arch": ("unet", "unet3plus", "evidence_unet", "simplenet"), "model.weights": ("lite", "imagenet", "none"),
+    "model.arch": ("unet", "unet3plus", "evidence_unet", "simplenet", "realnet"),
+    "model.weights": ("lite", "imagenet", "none"),
     "model.in_channels": (1, 3), "train.scheduler": ("cosine", "onecycle"),
     "train.mask_loss": ("dice_bce", "dice_focal"), "train.curriculum.schedule": ("none", "linear", "step"),
     "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),

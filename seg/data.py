@@ -28,7 +28,8 @@ def build_augment(cfg: dict) -> A.Compose | None:
         t.append(A.GaussianBlur(blur_limit=(3, 3), p=cfg["blur"]))
     if cfg.get("shift"):
         t.append(A.Affine(translate_percent=(-0.06, 0.06), border_mode=4, p=cfg["shift"]))
-    return A.Compose(t, seed=None) if t else None
+    # `clean`: the defect-free original of a synthetic sample, transformed exactly as its image
+    return A.Compose(t, seed=None, additional_targets={"clean": "image"}) if t else None
 
 
 class SeededAugment:
@@ -37,12 +38,13 @@ class SeededAugment:
     def __init__(self, compose: A.Compose | None):
         self.compose = compose
 
-    def __call__(self, image, mask, seed: int):
+    def __call__(self, image, mask, seed: int, clean=None):
+        """(image, mask), or (image, mask, clean) given the clean original: the same transform for both images."""
         if self.compose is None:
-            return image, mask
+            return (image, mask) if clean is None else (image, mask, clean)
         self.compose.set_random_seed(seed)
-        out = self.compose(image=image, mask=mask)
-        return out["image"], out["mask"]
+        out = self.compose(image=image, mask=mask, **({} if clean is None else {"clean": clean}))
+        return (out["image"], out["mask"]) if clean is None else (out["image"], out["mask"], out["clean"])
 
 
 def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> tuple[dict, list[str] | None]:

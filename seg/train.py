@@ -116,6 +116,16 @@ def synthetic_val_set(engine: DefectSynthesizer, pool: SourcePool, n: int, seed:
     return torch.stack(imgs), torch.stack(masks)
 
 
+def synthetic_pairs(engine: DefectSynthesizer, pool: SourcePool, n: int, seed: int):
+    """(defective crops, their clean originals, masks) of up to n synthetic defects, for a model that selects its
+    features on them before training (`realnet`'s AFS); normal draws are skipped."""
+    rows = [engine.draw_pair(stream(NORMAL, seed, 2, i), pool) for i in range(n)]
+    rows = [(to_tensors(a, m)[0], to_tensors(c, m)[0], to_tensors(a, m)[1]) for a, c, m, _ in rows if m.any()]
+    if not rows:
+        return None
+    return tuple(torch.stack(x) for x in zip(*rows))
+
+
 def write_metrics(out: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -199,7 +209,8 @@ class Trainer:
             normal = crops_tensor(self.pool.random_crops(n, [NORMAL, t["seed"], 0]))
             other = self.held_out or self.pool
             held = crops_tensor(other.random_crops(max(16, n // 4), [NORMAL, t["seed"], 1]))
-            self.model.fit_normal(normal, held)
+            pairs = synthetic_pairs(self.engine, self.pool, n, t["seed"]) if self.model.wants_pairs else None
+            self.model.fit_normal(normal, held, pairs)
         self.model = self.model.to(self.device)
         # a head whose loss weight is 0 gets no gradient: DDP must be told, or it waits for it forever
         unused = t["image_loss_weight"] == 0 or t["deep_loss_weight"] == 0
@@ -283,9 +294,10 @@ class Trainer:
             if step >= t["steps_per_epoch"]:
                 break
             x, y, label = (batch[k].to(self.device) for k in ("image", "mask", "label"))
+            clean = batch["clean"].to(self.device) if "clean" in batch else None  # on-the-fly synthesis keeps it
             ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
             with ctx:
-                out = self.net(x)
+                out = self.net(x, clean)
             parts = self.loss_fn(out, y, label)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(parts["total"]).backward()

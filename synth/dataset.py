@@ -28,7 +28,8 @@ def crops_tensor(crops: list[np.ndarray]) -> torch.Tensor:
 
 
 class SynthDataset(Dataset):
-    """`length` samples per epoch; returns dict(image, mask, label, difficulty)."""
+    """`length` samples per epoch; returns dict(image, mask, label, difficulty, clean): `clean` is the crop before
+    its defects were drawn, augmented as the image (what a reconstruction-based segmenter learns to restore)."""
 
     def __init__(self, engine: DefectSynthesizer, sources: SourcePool, length: int, seed: int = 0,
                  augment=None, max_difficulty: float | None = None, rank: int = 0):
@@ -43,10 +44,10 @@ class SynthDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = stream(TRAIN, self.seed, self.epoch, self.rank, i)
-        image, mask, record = self.engine.draw(rng, self.sources, self.max_difficulty)
-        if self.augment is not None:  # a callable (image, mask, seed) -> (image, mask)
-            image, mask = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)))
+        image, clean, mask, record = self.engine.draw_pair(rng, self.sources, self.max_difficulty)
+        if self.augment is not None:  # a callable (image, mask, seed, clean) -> (image, mask, clean)
+            image, mask, clean = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)), clean=clean)
         img, m = to_tensors(image, mask)
         d = record["difficulty"]
         return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
-                "difficulty": torch.tensor(-1.0 if d is None else d)}
+                "difficulty": torch.tensor(-1.0 if d is None else d), "clean": to_tensors(clean, mask)[0]}

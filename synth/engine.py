@@ -278,6 +278,12 @@ class DefectSynthesizer:
 
     def draw(self, rng: np.random.Generator, sources: SourcePool, max_difficulty: float | None = None):
         """Draw one sample: returns (image, mask {0,1}, record). The record replays it through `render`."""
+        image, _, mask, record = self.draw_pair(rng, sources, max_difficulty)
+        return image, mask, record
+
+    def draw_pair(self, rng: np.random.Generator, sources: SourcePool, max_difficulty: float | None = None):
+        """`draw`, with the clean crop the defects were drawn on: (image, clean, mask, record); the same random
+        draws, so the same sample."""
         c, size = self.config, self.config.size
         i = int(rng.integers(len(sources)))
         src = sources.load(i)
@@ -287,7 +293,7 @@ class DefectSynthesizer:
                   "difficulty": None, "mask_area": 0}
         crop = self._crop(src, box)
         if rng.uniform() < c.normal_ratio:
-            return crop, np.zeros((size, size), np.uint8), record
+            return crop, crop, np.zeros((size, size), np.uint8), record
         lo, hi = c.difficulty
         if max_difficulty is not None:
             hi = max(lo, min(hi, max_difficulty))
@@ -306,11 +312,11 @@ class DefectSynthesizer:
                 break
         if best is None:  # nothing visible could be placed (e.g. empty region of interest): stays normal
             record["note"] = "no visible defect could be placed"
-            return crop, np.zeros((size, size), np.uint8), record
+            return crop, crop, np.zeros((size, size), np.uint8), record
         _, image, mask, defects, diff, attempt = best
         record.update(normal=False, defects=defects, families=sorted({d["family"] for d in defects}),
                       difficulty=diff, mask_area=int(mask.sum()), attempts=attempt)
-        return image, mask, record
+        return image, crop, mask, record
 
     # --------------------------------------------------------------------------------------- rendering
     @staticmethod

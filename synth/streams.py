@@ -16,9 +16,10 @@ GENERATE = 0x6E4E  # `synth generate` sample i: [GENERATE, seed, i]
 SPLIT = 0x5EED0C  # the held-out split of the OK images: [SPLIT, holdout_seed]
 NORMAL = 0x0C0C  # OK crops a normal model (evidence UNet) is fitted on: [NORMAL, seed, k]
 CALIBRATION = 0xCA11B  # calibration's normal crops and synthetic defects: [CALIBRATION, seed, k, ...]
+BENCH = 0xBE7C  # synthetic test sets of the benchmarks, on held-out OK images: [BENCH, seed, k]
 
 TAGS = {"train": TRAIN, "validation": VALIDATION, "generate": GENERATE, "split": SPLIT, "normal": NORMAL,
-        "calibration": CALIBRATION}
+        "calibration": CALIBRATION, "bench": BENCH}
 assert len(set(TAGS.values())) == len(TAGS)
 
 

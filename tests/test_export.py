@@ -51,18 +51,21 @@ def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_subm
     ev = create_model("evidence_unet", "tu-tf_efficientnet_lite0", "lite", 1, **SMALL)
     ev.fit_normal(normal, crops_tensor(pool.random_crops(8, 1)))
     sn = create_model("simplenet", "tu-tf_efficientnet_lite0", "lite", 1, **SMALL)
+    rn = create_model("realnet", "tu-tf_efficientnet_lite0", "lite", 1, **SMALL)
+    pits = crops_tensor(crops_with_pits(4))
+    rn.fit_normal(normal, None, (pits, crops_tensor(pool.random_crops(4, 3)), (pits < 0.1).float()))
     pc = PatchCore(coreset_ratio=0.1)
     pc.fit(normal)
     pc.standardise(crops_tensor(pool.random_crops(8, 2)))
-    norms = [{"pixel": [0.1 * i, 1.0 + i], "image": [0.2, 2.0]} for i in range(5)]
-    ens = Ensemble([unet, u3, ev, pc, sn], 1, 128, "cpu", "flip", norms=norms, threshold=PARAMS["threshold"])
+    norms = [{"pixel": [0.1 * i, 1.0 + i], "image": [0.2, 2.0]} for i in range(6)]
+    ens = Ensemble([unet, u3, ev, pc, sn, rn], 1, 128, "cpu", "flip", norms=norms, threshold=PARAMS["threshold"])
     meta = export_onnx(ens, PARAMS, tmp_path / "all.onnx")
-    assert meta["models"] == 5 and meta["tta"] == "flip" and meta["params"] == PARAMS and meta["heads"]
+    assert meta["models"] == 6 and meta["tta"] == "flip" and meta["params"] == PARAMS and meta["heads"]
     onnx = OnnxEnsemble(tmp_path / "all.onnx")
     x = crops_tensor(crops_with_pits(6))
     (maps, heads), (omaps, oheads) = ens.forward(x), onnx.forward(x)
-    assert maps.shape == omaps.shape == (5, 6, 128, 128)
-    for k, name in enumerate(("unet", "unet3plus", "evidence_unet", "patchcore", "simplenet")):
+    assert maps.shape == omaps.shape == (6, 6, 128, 128)
+    for k, name in enumerate(("unet", "unet3plus", "evidence_unet", "patchcore", "simplenet", "realnet")):
         assert torch.allclose(maps[k], omaps[k], atol=1e-4), (name, float((maps[k] - omaps[k]).abs().max()))
     assert torch.allclose(heads, oheads, atol=1e-4)
     folder = tmp_path / "TC_Images"

@@ -22,7 +22,7 @@ from core.io import InputError
 SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet"])
+@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet", "realnet"])
 @pytest.mark.parametrize("encoder,channels,size", [("tu-tf_efficientnet_lite0", 1, 64), ("resnet18", 3, 96)])
 def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size):
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size)
     assert out["image"].shape == (2, 1)
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet"])
+@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet", "realnet"])
 def test_every_arch_round_trips_through_its_model_file(arch, ok_dir, tmp_path):
     """save_model_file -> load_model (the inference path) gives bit-identical outputs, for every segmenter."""
     from core.modelfile import save_model_file
@@ -373,3 +373,61 @@ def test_simplenet_learns_in_the_same_loop_to_flag_a_planted_pit(ok_dir, tmp_pat
 def test_simplenet_names_the_model_key_of_a_bad_encoder():
     with pytest.raises(InputError, match="^model.encoder: cannot build 'efficientnet-b9x'"):
         create_model("simplenet", "efficientnet-b9x", "none", 1, **SMALL)
+
+
+def test_afs_keeps_the_channels_whose_residual_matches_the_defect_mask():
+    """RealNet's anomaly-aware feature selection: of ten residual maps, the two that light up on the planted
+    defects are kept, not the one with the strongest residual elsewhere; crops without a defect change nothing."""
+    from seg.models.realnet import select_channels
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(6, 1, 16, 16)
+    for i in range(6):
+        mask[i, 0, 2 + i:7 + i, 3:9] = 1
+    res = torch.rand(6, 10, 16, 16, generator=g)
+    res[:, 3] += 2 * mask[:, 0]
+    res[:, 7] += 1 * mask[:, 0]
+    res[:, 5] += 3 * torch.roll(mask[:, 0], 6, -1)  # strong, but beside the defect
+    assert select_channels(res, mask, 2).tolist() == [3, 7]
+    more = torch.cat([res, 5 * torch.rand(4, 10, 16, 16, generator=g)])
+    assert select_channels(more, torch.cat([mask, torch.zeros(4, 1, 16, 16)]), 2).tolist() == [3, 7]
+
+
+def test_realnet_learns_in_the_same_loop_to_restore_and_flag_a_planted_pit(ok_dir, tmp_path):
+    """Trained by `seg train` (AFS on synthetic pairs before training, its reconstruction term added by the loss),
+    RealNet's map is higher on a planted dark pit than on the surface around it; the reconstruction term alone
+    reaches the reconstruction networks, and needs the clean originals (which a synth folder does not keep)."""
+    import cv2
+    import numpy as np
+
+    from ensemble.models import load_model
+    from synth.dataset import crops_tensor
+    from synth.engine import SourcePool
+
+    torch.manual_seed(0)
+    cfg = tiny_config(ok_dir, tmp_path / "rn", epochs=2, steps_per_epoch=30, batch_size=8)
+    cfg["synth"]["size"] = 128
+    cfg["model"].update(arch="realnet", weights="lite", normal_crops=32)
+    train(cfg, log=lambda m: None)
+    model, config, _ = load_model(tmp_path / "rn" / "best.pt", torch.device("cpu"))
+    assert config["model"]["arch"] == "realnet"
+    kept = [model.net.select0, model.net.select1, model.net.select2]
+    assert [len(k) for k in kept] == model.net.kept and any(not torch.equal(k, torch.arange(len(k))) for k in kept)
+    crop = SourcePool(ok_dir).random_crops(1, 7)[0].copy()
+    mask = np.zeros((128, 128), np.uint8)
+    cv2.circle(mask, (70, 64), 9, 1, -1)
+    crop[mask > 0] = 15
+    with torch.no_grad():
+        out = model(crops_tensor([crop]))["mask"][0, 0].numpy()
+    ring = cv2.dilate(mask, np.ones((41, 41))) == 0
+    assert out[mask > 0].mean() > out[ring].mean() + 1.0, (out[mask > 0].mean(), out[ring].mean())
+    model.train()
+    x = crops_tensor([crop] * 2)
+    clean = crops_tensor(SourcePool(ok_dir).random_crops(2, 7))
+    parts = SegmentationLoss()(model(x, clean), torch.zeros(2, 1, 128, 128), torch.zeros(2, 1))
+    parts["aux"].backward()  # the reconstruction term alone trains the reconstruction networks
+    assert all(r.out[-1].weight.grad.abs().sum() > 0 for r in model.net.recon)
+    assert model.net.discriminator[0].weight.grad is None
+    with pytest.raises(InputError, match="^model.arch: realnet .* train.synth_dir"):
+        model(x)
+    assert "aux" not in model.eval()(x)

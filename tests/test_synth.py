@@ -531,3 +531,35 @@ def test_bad_synthesis_settings_are_one_line_before_any_worker_starts(ok_dir, tm
     cfg = SynthConfig(transplant=str(bare), families={"transplant": 1.0})
     with pytest.raises(InputError, match="no masks folder beside it"):
         generate(ok_dir, tmp_path / "out", 10, cfg, workers=2)
+
+
+def test_draw_pair_is_draw_with_the_clean_crop_and_training_items_carry_it_augmented_alike(ok_dir):
+    """The clean original of a synthetic sample (what a reconstruction model learns to restore) is the source
+    crop it was drawn on, and the training augmentation transforms it exactly as the image: a normal sample's clean
+    image equals it, a defective one differs from it only under (and next to) its mask."""
+    from seg.data import SeededAugment, build_augment
+    from synth.dataset import SynthDataset
+
+    engine = DefectSynthesizer(SynthConfig(size=64, normal_ratio=0.3))
+    pool = SourcePool(ok_dir, 1, 64)
+    for i in range(6):
+        image, mask, rec = engine.draw(np.random.default_rng([9, i]), pool)
+        image2, clean, mask2, rec2 = engine.draw_pair(np.random.default_rng([9, i]), pool)
+        assert np.array_equal(image, image2) and np.array_equal(mask, mask2) and rec == rec2
+        assert np.array_equal(clean, engine._crop(pool.load(pool.index(rec["source"])), rec["crop"]))
+    aug = SeededAugment(build_augment({"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.8, "noise": 0.8,
+                                       "blur": 0.3, "shift": 0.5}))
+    ds = SynthDataset(engine, pool, 24, seed=3, augment=aug)
+    kinds = set()
+    for k in range(len(ds)):
+        item = ds[k]
+        img, clean, m = item["image"][0].numpy(), item["clean"][0].numpy(), item["mask"][0].numpy()
+        if not m.any():
+            assert np.array_equal(img, clean)
+            kinds.add("normal")
+            continue
+        near = cv2.dilate(m.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        assert np.abs(img - clean)[m > 0].mean() > 2 / 255
+        assert (np.abs(img - clean)[~near] > 1 / 255).mean() < 0.02
+        kinds.add("defective")
+    assert kinds == {"normal", "defective"}

@@ -3,8 +3,9 @@
 Every model is wrapped in `Segmenter`, which takes images in [0, 1], normalises them the way its encoder's
 weights expect (so a checkpoint alone fixes its preprocessing) and returns a dict:
 `{"mask": (B,1,H,W) logits, "image": (B,1) logits or None, "deep": list of (B,1,H,W) logits or None}`, and in
-training mode, for a model with a self-supervised term of its own (`simplenet`), `"aux"`: a scalar loss the training
-loss adds.
+training mode, for a model with a term of its own (`simplenet`, `realnet`), `"aux"`: a scalar loss the training
+loss adds. In training, `forward(x, clean)` also takes the defect-free originals of the synthetic samples, which a
+reconstruction model (`realnet`) learns to restore; every other model ignores them.
 
 Example:
     >>> m = create_model("unet3plus", "tu-tf_efficientnet_lite0", weights="none", in_channels=1)
@@ -24,10 +25,11 @@ from core.io import InputError
 
 from .encoders import LITE_ENCODERS, load_lite_weights
 from .evidence import EvidenceUnet
+from .realnet import RealNet
 from .simplenet import SimpleNet
 from .unet3plus.model import UNet3Plus
 
-ARCHS = ("unet", "unet3plus", "evidence_unet", "simplenet")
+ARCHS = ("unet", "unet3plus", "evidence_unet", "simplenet", "realnet")
 
 
 class Segmenter(nn.Module):
@@ -46,16 +48,25 @@ class Segmenter(nn.Module):
         """Whether the architecture holds a normal model to fit on OK crops before training (`fit_normal`)."""
         return hasattr(self.net, "fit_normal")
 
-    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor) -> None:
-        """Fit the architecture's normal model: `normal` OK crops for it, `held` other OK crops to standardise it
-        ((N, C, H, W) in [0, 1]). A no-op for architectures without one."""
-        if self.needs_normal:
-            self.net.fit_normal(normal, held)
+    @property
+    def wants_pairs(self) -> bool:
+        """Whether `fit_normal` also wants synthetic defects with their clean originals (`realnet`'s AFS)."""
+        return getattr(self.net, "wants_pairs", False)
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor, pairs=None) -> None:
+        """Fit the architecture's normal model: `normal` OK crops for it, `held` other OK crops to standardise it
+        ((N, C, H, W) in [0, 1]); `pairs`: (synthetic defective crops, their clean originals, their masks), for an
+        architecture that `wants_pairs`. A no-op for architectures without a normal model."""
+        if self.needs_normal:
+            self.net.fit_normal(normal, held, pairs)
+
+    def forward(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
         xn = (x - self.mean) / self.std
-        out = self.net(xn, raw=x) if getattr(self.net, "wants_raw", False) else self.net(xn)
-        if isinstance(out, dict):  # a net that names its outputs (simplenet)
+        extra = {"raw": x} if getattr(self.net, "wants_raw", False) else {}
+        if clean is not None and getattr(self.net, "wants_clean", False):
+            extra["clean"] = clean
+        out = self.net(xn, **extra)
+        if isinstance(out, dict):  # a net that names its outputs (simplenet, realnet)
             return {"image": None, "deep": None, **out}
         if self.arch == "unet3plus":
             mask, image, deep = out
@@ -75,7 +86,9 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
     and `cgm` apply to it alone) or `evidence_unet` (smp Unet on the image plus a normal model's evidence, see
     `seg.models.evidence`; call `fit_normal` on OK crops before training) or `simplenet` (a discriminator on the
-    frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units).
+    frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units)
+    or `realnet` (feature reconstruction and residual segmentation on the frozen stride-4/8/16 features of `encoder`,
+    see `seg.models.realnet`; `decoder_channels[0] // 2` hidden units; `fit_normal` before training).
     weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub
     weights, needs internet), or `none`.
     """
@@ -96,6 +109,9 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
         elif arch == "simplenet":
             backbone = encoder[3:] if encoder.startswith("tu-") else encoder
             net = SimpleNet(backbone, weights, hidden=2 * decoder_channels[0], image_head=image_head)
+        elif arch == "realnet":
+            backbone = encoder[3:] if encoder.startswith("tu-") else encoder
+            net = RealNet(backbone, weights, hidden=max(16, decoder_channels[0] // 2), image_head=image_head)
         elif arch == "evidence_unet":
             net = EvidenceUnet(encoder, hub, in_channels, decoder_channels, image_head, weights, coreset_ratio)
         else:

@@ -99,8 +99,8 @@ class EvidenceUnet(nn.Module):
                              decoder_channels=tuple(decoder_channels), aux_params=aux)
         self.encoder = self.unet.encoder
 
-    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor) -> None:
-        self.evidence.fit(normal, held)
+    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor, pairs=None) -> None:
+        self.evidence.fit(normal, held)  # `pairs` (synthetic defects): not used
 
     def forward(self, xn: torch.Tensor, raw: torch.Tensor):
         """xn: the image normalised for the encoder; raw: the same image in [0, 1]."""
