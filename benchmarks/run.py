@@ -234,6 +234,10 @@ def main(argv=None) -> dict:
     if a.lofo:
         from benchmarks import lofo
 
+        if a.overrides or a.methods != ",".join(METHODS):
+            raise SystemExit("--lofo: trains its own variants of the UNet and the evidence UNet; "
+                             "--set and --methods do not apply")
+
         results = lofo.run_lofo(sets, out, b, a.reuse, log, CONFIG)
         print(lofo.write_report(out, run_meta(results), results))
         return results

@@ -31,7 +31,8 @@ class SegmentationLoss(nn.Module):
         if out.get("deep") and self.deep_weight > 0:
             deep = torch.stack([self.mask_term(d.float(), mask) for d in out["deep"]]).mean()
             parts["deep"] = self.deep_weight * deep
-        if out.get("aux") is not None and self.aux_weight > 0:  # a model's own term (simplenet's noise anomalies)
+        # a model's own term (simplenet's noise, realnet's reconstruction)
+        if out.get("aux") is not None and self.aux_weight > 0:
             parts["aux"] = self.aux_weight * out["aux"]
         parts["total"] = sum(parts.values())
         return parts

@@ -120,10 +120,11 @@ def synthetic_pairs(engine: DefectSynthesizer, pool: SourcePool, n: int, seed: i
     """(defective crops, their clean originals, masks) of up to n synthetic defects, for a model that selects its
     features on them before training (`realnet`'s AFS); normal draws are skipped."""
     rows = [engine.draw_pair(stream(NORMAL, seed, 2, i), pool) for i in range(n)]
-    rows = [(to_tensors(a, m)[0], to_tensors(c, m)[0], to_tensors(a, m)[1]) for a, c, m, _ in rows if m.any()]
+    rows = [(*to_tensors(a, m), to_tensors(c, m)[0]) for a, c, m, _ in rows if m.any()]
     if not rows:
         return None
-    return tuple(torch.stack(x) for x in zip(*rows))
+    images, masks, cleans = (torch.stack(x) for x in zip(*rows))
+    return images, cleans, masks
 
 
 def write_metrics(out: Path, rows: list[dict]) -> None:
@@ -198,18 +199,26 @@ class Trainer:
             check_split(t["synth_dir"], self.held_out, expected_held)
         aug = SeededAugment(build_augment(t["augment"]))
         per_rank = t["steps_per_epoch"] * t["batch_size"]
+        self.model = model_from_config(cfg["model"])
         if t["synth_dir"]:
+            if self.model.wants_clean:
+                raise InputError(f"model.arch: {cfg['model']['arch']} learns to restore each synthetic defect's "
+                                 "clean original, which a train.synth_dir folder does not keep: train it on the fly "
+                                 "(no train.synth_dir)")
             self.dataset = SynthFolderDataset(t["synth_dir"], self.synth_cfg.channels, aug.compose, t["seed"])
         else:
-            self.dataset = SynthDataset(self.engine, self.pool, per_rank, t["seed"], aug, rank=self.rank)
+            self.dataset = SynthDataset(self.engine, self.pool, per_rank, t["seed"], aug, rank=self.rank,
+                                        with_clean=self.model.wants_clean)
         self.curriculum = CurriculumSchedule(**t["curriculum"])
-        self.model = model_from_config(cfg["model"])
         if self.model.needs_normal:  # e.g. evidence_unet: its normal model is fitted on OK crops first
             n = cfg["model"]["normal_crops"]
             normal = crops_tensor(self.pool.random_crops(n, [NORMAL, t["seed"], 0]))
             other = self.held_out or self.pool
             held = crops_tensor(other.random_crops(max(16, n // 4), [NORMAL, t["seed"], 1]))
             pairs = synthetic_pairs(self.engine, self.pool, n, t["seed"]) if self.model.wants_pairs else None
+            if self.model.wants_pairs and pairs is None and warn and self.main:
+                warn(f"{self.pool.root}: no synthetic defect could be drawn for the model's feature selection; "
+                     "it keeps its default features")
             self.model.fit_normal(normal, held, pairs)
         self.model = self.model.to(self.device)
         # a head whose loss weight is 0 gets no gradient: DDP must be told, or it waits for it forever

@@ -28,13 +28,15 @@ def crops_tensor(crops: list[np.ndarray]) -> torch.Tensor:
 
 
 class SynthDataset(Dataset):
-    """`length` samples per epoch; returns dict(image, mask, label, difficulty, clean): `clean` is the crop before
-    its defects were drawn, augmented as the image (what a reconstruction-based segmenter learns to restore)."""
+    """`length` samples per epoch; returns dict(image, mask, label, difficulty), and with `with_clean` the crop
+    before its defects were drawn, augmented as the image (`clean`: what a reconstruction model learns to restore).
+    """
 
     def __init__(self, engine: DefectSynthesizer, sources: SourcePool, length: int, seed: int = 0,
-                 augment=None, max_difficulty: float | None = None, rank: int = 0):
+                 augment=None, max_difficulty: float | None = None, rank: int = 0, with_clean: bool = False):
         self.engine, self.sources, self.length, self.seed = engine, sources, length, seed
         self.augment, self.max_difficulty, self.rank, self.epoch = augment, max_difficulty, rank, 0
+        self.with_clean = with_clean
 
     def set_epoch(self, epoch: int, max_difficulty: float | None = None) -> None:
         self.epoch, self.max_difficulty = epoch, max_difficulty
@@ -45,9 +47,14 @@ class SynthDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         rng = stream(TRAIN, self.seed, self.epoch, self.rank, i)
         image, clean, mask, record = self.engine.draw_pair(rng, self.sources, self.max_difficulty)
-        if self.augment is not None:  # a callable (image, mask, seed, clean) -> (image, mask, clean)
-            image, mask, clean = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)), clean=clean)
+        clean = clean if self.with_clean else None
+        if self.augment is not None:  # a callable (image, mask, seed[, clean]) -> (image, mask[, clean])
+            image, mask, *rest = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)), clean=clean)
+            clean = rest[0] if rest else None
         img, m = to_tensors(image, mask)
         d = record["difficulty"]
-        return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
-                "difficulty": torch.tensor(-1.0 if d is None else d), "clean": to_tensors(clean, mask)[0]}
+        item = {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
+                "difficulty": torch.tensor(-1.0 if d is None else d)}
+        if clean is not None:
+            item["clean"] = to_tensors(clean, mask)[0]
+        return item

@@ -14,7 +14,8 @@ TRAIN = 0x7A1A  # on-the-fly training samples: [TRAIN, seed, epoch, rank, i]
 VALIDATION = 0x7A11D  # the synthetic validation set of `seg train`: [VALIDATION, val_seed, i]
 GENERATE = 0x6E4E  # `synth generate` sample i: [GENERATE, seed, i]
 SPLIT = 0x5EED0C  # the held-out split of the OK images: [SPLIT, holdout_seed]
-NORMAL = 0x0C0C  # OK crops a normal model (evidence UNet) is fitted on: [NORMAL, seed, k]
+NORMAL = 0x0C0C  # OK crops a normal model (evidence UNet) is fitted on: [NORMAL, seed, k]; k = 2: the synthetic
+# pairs a model selects its features on (realnet's AFS): [NORMAL, seed, 2, i]
 CALIBRATION = 0xCA11B  # calibration's normal crops and synthetic defects: [CALIBRATION, seed, k, ...]
 BENCH = 0xBE7C  # synthetic test sets of the benchmarks, on held-out OK images: [BENCH, seed, k]
 

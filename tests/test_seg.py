@@ -430,4 +430,11 @@ def test_realnet_learns_in_the_same_loop_to_restore_and_flag_a_planted_pit(ok_di
     assert model.net.discriminator[0].weight.grad is None
     with pytest.raises(InputError, match="^model.arch: realnet .* train.synth_dir"):
         model(x)
-    assert "aux" not in model.eval()(x)
+    assert "aux" not in model.eval()(x) and not model.fully_convolutional  # RRS pools over the whole crop
+    from synth.engine import SynthConfig
+    from synth.generate import generate
+
+    generate(ok_dir, tmp_path / "folder", 4, SynthConfig(size=128))
+    cfg["train"].update(synth_dir=str(tmp_path / "folder"), out=str(tmp_path / "rn2"))
+    with pytest.raises(InputError, match="^model.arch: realnet .* train.synth_dir"):  # before any work
+        train(cfg, log=lambda m: None)

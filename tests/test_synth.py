@@ -549,7 +549,8 @@ def test_draw_pair_is_draw_with_the_clean_crop_and_training_items_carry_it_augme
         assert np.array_equal(clean, engine._crop(pool.load(pool.index(rec["source"])), rec["crop"]))
     aug = SeededAugment(build_augment({"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.8, "noise": 0.8,
                                        "blur": 0.3, "shift": 0.5}))
-    ds = SynthDataset(engine, pool, 24, seed=3, augment=aug)
+    assert "clean" not in SynthDataset(engine, pool, 2, seed=3, augment=aug)[0]  # only for a model that wants it
+    ds = SynthDataset(engine, pool, 24, seed=3, augment=aug, with_clean=True)
     kinds = set()
     for k in range(len(ds)):
         item = ds[k]

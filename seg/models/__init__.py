@@ -41,7 +41,16 @@ class Segmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
-    fully_convolutional = True  # any input size (a multiple of 32) works: large images are predicted whole
+    @property
+    def fully_convolutional(self) -> bool:
+        """Whether any input size (a multiple of 32) gives the same map as tiles do: large images predicted whole.
+        True unless the architecture says otherwise (`realnet` pools over the whole input)."""
+        return getattr(self.net, "fully_convolutional", True)
+
+    @property
+    def wants_clean(self) -> bool:
+        """Whether training passes each synthetic sample's clean original (`realnet`'s reconstruction target)."""
+        return getattr(self.net, "wants_clean", False)
 
     @property
     def needs_normal(self) -> bool:
@@ -63,7 +72,7 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
         xn = (x - self.mean) / self.std
         extra = {"raw": x} if getattr(self.net, "wants_raw", False) else {}
-        if clean is not None and getattr(self.net, "wants_clean", False):
+        if clean is not None and self.wants_clean:
             extra["clean"] = clean
         out = self.net(xn, **extra)
         if isinstance(out, dict):  # a net that names its outputs (simplenet, realnet)

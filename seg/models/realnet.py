@@ -8,17 +8,21 @@
 - One reconstruction network per level, trained (the model's own term, `aux`) to map the selected features of a
   synthetic defective crop back to those of its clean original.
 - Reconstruction residual selection (RRS): of the squared residuals of every kept channel, on the stride-4 grid,
-  the `rrs` largest by global max pooling and the `rrs` largest by global average pooling go, per crop, into
-  a small discriminator whose output, upsampled, is the mask; the image logit is the map's maximum.
+  each channel standardised (batch norm without affine parameters, as the reference code), the `rrs` largest by
+  global max pooling and the `rrs` largest by global average pooling go, per crop, into a small discriminator
+  whose output, upsampled, is the mask; the image logit is the map's maximum. The pooling is global, so a crop's
+  map depends on the whole crop: large images are predicted by tiles of the training size, not whole.
 RealNet's diffusion anomaly synthesis (SDAS) needs a GPU-sized budget: here the defects are the synthesis
 engine's. The features are a frozen network's, never trained on our defects; the reconstruction networks learn
-what normal features look like around every pixel, so a defect of a kind never drawn still leaves a residual.
+what normal features look like around every pixel (and, through the mask loss, also what our synthetic defects
+look like: as in the reference code, gradients are not stopped), so a defect of a kind never drawn still leaves
+a residual.
 
 Training needs each sample's clean original: `seg train` draws it on the fly (a `train.synth_dir` folder does not
 keep it).
 
 Example:
-    >>> m = create_model("realnet", "tu-tf_efficientnet_lite0", weights="none", in_channels=1)
+    >>> m = create_model("realnet", "tu-tf_efficientnet_lite0", weights="none", in_channels=1).eval()
     >>> m(torch.rand(2, 1, 128, 128))["mask"].shape
     torch.Size([2, 1, 128, 128])
 """
@@ -71,6 +75,7 @@ class RealNet(nn.Module):
     wants_raw = True  # the frozen extractor has its own input normalisation
     wants_clean = True  # training: each sample's clean original (the reconstruction target)
     wants_pairs = True  # fit_normal: synthetic defects with their clean originals (AFS)
+    fully_convolutional = False  # RRS pools over the whole input: predicted by tiles of the training size
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", keep: float = 0.5,
                  rrs: int = 16, hidden: int = 64, image_head: bool = True):
@@ -89,6 +94,7 @@ class RealNet(nn.Module):
             self.register_buffer(f"select{level}", torch.arange(k))
         self.recon = nn.ModuleList(Reconstructor(k, max(hidden, k)) for k in self.kept)
         self.rrs, self.image_head = min(rrs, sum(self.kept)), image_head
+        self.rank_norm = nn.BatchNorm2d(sum(self.kept), affine=False)  # RRS ranks standardised residuals
         self.discriminator = nn.Sequential(
             nn.Conv2d(2 * self.rrs, hidden, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden // 2), nn.ReLU(inplace=True),
@@ -116,7 +122,9 @@ class RealNet(nn.Module):
         for level in range(len(self.kept)):
             f = torch.cat([b[level] for b in feats])
             getattr(self, f"mean{level}").copy_(f.mean((0, 2, 3), keepdim=True))
-            getattr(self, f"std{level}").copy_(f.std((0, 2, 3), keepdim=True).clamp_min(1e-4))
+            std = f.std((0, 2, 3), keepdim=True)
+            # a channel (nearly) constant on OK crops must not be blown up into a huge standardised value
+            getattr(self, f"std{level}").copy_(std.clamp_min(max(1e-2 * float(std.median()), 1e-6)))
         if pairs is None:
             return
         defective, clean, masks = pairs
@@ -150,9 +158,10 @@ class RealNet(nn.Module):
             raise InputError("model.arch: realnet learns to restore each synthetic defect's clean original, which "
                              "a train.synth_dir folder does not keep: train it on the fly (no train.synth_dir)")
         res, loss = self.residuals(raw, clean if self.training else None)
-        # RRS: per crop, the residual maps strongest by global max and by global average
-        top_max = res.amax((2, 3)).topk(self.rrs, dim=1).indices
-        top_avg = res.mean((2, 3)).topk(self.rrs, dim=1).indices
+        # RRS: per crop, the residual maps strongest by global max and by global average, each channel standardised
+        ranked = self.rank_norm(res)
+        top_max = ranked.amax((2, 3)).topk(self.rrs, dim=1).indices
+        top_avg = ranked.mean((2, 3)).topk(self.rrs, dim=1).indices
         idx = torch.cat([top_max, top_avg], 1)[:, :, None, None].expand(-1, -1, *res.shape[-2:])
         grid = self.discriminator(torch.log1p(res.gather(1, idx)))
         out = {"mask": F.interpolate(grid, size=raw.shape[-2:], mode="bilinear", align_corners=False),
