@@ -82,16 +82,18 @@ def export_onnx(ens: Ensemble, params: dict, out: str | Path, opset: int = 17) -
             torch.onnx.export(graph, (x,), buf, input_names=["image"], output_names=names, opset_version=opset,
                               dynamic_axes=axes, dynamo=False)
             model = onnx.load_from_string(buf.getvalue())
-        except Exception:  # a torch without it: the dynamo exporter (needs onnxscript)
+            exporter = "torchscript"
+        except Exception:  # a torch without it, or a graph it cannot take: the dynamo exporter (needs onnxscript)
             batch = torch.export.Dim("batch", min=1, max=4096)
             model = torch.onnx.export(graph, (x,), input_names=["image"], output_names=names, opset_version=opset,
                                       dynamic_shapes=({0: batch},), dynamo=True, verbose=False).model_proto
+            exporter = "dynamo"
     meta = {"version": __version__, "channels": ens.channels, "tile": ens.tile, "tile_overlap": ens.overlap,
             "tta": ens.tta_mode,
             "merge": ens.merge, "vote_k": ens.vote_k, "weights": [float(w) for w in ens.weights],
             "models": len(ens.models), "heads": heads, "checkpoints": [Path(p).name for p in ens.paths],
             "params": {k: params[k] for k in ("threshold", "image_threshold", "min_area", "opening") if k in params},
-            "roi": params.get("roi")}
+            "roi": params.get("roi"), "exporter": exporter}
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)

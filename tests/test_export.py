@@ -60,6 +60,7 @@ def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_subm
     norms = [{"pixel": [0.1 * i, 1.0 + i], "image": [0.2, 2.0]} for i in range(6)]
     ens = Ensemble([unet, u3, ev, pc, sn, rn], 1, 128, "cpu", "flip", norms=norms, threshold=PARAMS["threshold"])
     meta = export_onnx(ens, PARAMS, tmp_path / "all.onnx")
+    assert meta["exporter"] == "torchscript"  # every kind takes the fast exporter, no fallback (nor its log)
     assert meta["models"] == 6 and meta["tta"] == "flip" and meta["params"] == PARAMS and meta["heads"]
     onnx = OnnxEnsemble(tmp_path / "all.onnx")
     x = crops_tensor(crops_with_pits(6))

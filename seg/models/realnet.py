@@ -159,7 +159,11 @@ class RealNet(nn.Module):
                              "a train.synth_dir folder does not keep: train it on the fly (no train.synth_dir)")
         res, loss = self.residuals(raw, clean if self.training else None)
         # RRS: per crop, the residual maps strongest by global max and by global average, each channel standardised
-        ranked = self.rank_norm(res)
+        n = self.rank_norm
+        if self.training:  # batch statistics, and the running ones move
+            ranked = n(res)
+        else:  # what batch norm computes in eval mode, written out: it exports to ONNX whatever the channel count
+            ranked = (res - n.running_mean.view(1, -1, 1, 1)) * torch.rsqrt(n.running_var.view(1, -1, 1, 1) + n.eps)
         top_max = ranked.amax((2, 3)).topk(self.rrs, dim=1).indices
         top_avg = ranked.mean((2, 3)).topk(self.rrs, dim=1).indices
         idx = torch.cat([top_max, top_avg], 1)[:, :, None, None].expand(-1, -1, *res.shape[-2:])
