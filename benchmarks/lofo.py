@@ -111,10 +111,17 @@ def lofo_markdown(meta: dict, results: dict) -> str:
                          f"{mean('all', 'score', 'synth'):.3f} | {mean(g, 'score', 'synth'):.3f} | "
                          f"{mean('all', 'score', 'real'):.3f} / {mean(g, 'score', 'real'):.3f} | "
                          f"{mean('all', 'pixel_ap', 'real'):.3f} / {mean(g, 'pixel_ap', 'real'):.3f} |")
+    lines.append("")
     for name in names:
-        drops = [np.mean([r[name]["all"]["synthetic"][g]["pixel_ap"] - r[name][g]["synthetic"][g]["pixel_ap"]
-                          for r in results.values()]) for g in GROUPS]
-        lines.append(f"\n{name}: mean drop in synthetic pixel AP when a group is withheld {np.mean(drops):+.3f}.")
+        synth = np.mean([r[name]["all"]["synthetic"][g]["pixel_ap"] - r[name][g]["synthetic"][g]["pixel_ap"]
+                         for r in results.values() for g in GROUPS])
+        real = {k: np.mean([r[name]["all"]["real"][k] - r[name][g]["real"][k] for r in results.values()
+                            for g in GROUPS]) for k in ("score", "pixel_ap")}
+        worst = max(r[name]["all"]["real"]["score"] - r[name][g]["real"]["score"] for r in results.values()
+                    for g in GROUPS)
+        lines.append(f"- {name}, mean drop when a group is withheld: synthetic pixel AP of that group "
+                     f"{synth:+.3f}; real score {real['score']:+.3f} (worst part and group {worst:+.3f}), "
+                     f"real pixel AP {real['pixel_ap']:+.3f}.")
     return "\n".join(lines) + "\n"
 
 

@@ -176,3 +176,24 @@ def test_pip_install_gives_the_defect_synth_command(tmp_path):
                         "print(c.load_config(c.config_for_part(2))['predict']['roi'])"],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.split() == [str(site / "seg" / "config.py"), "auto"], r.stderr
+
+
+def test_the_lofo_groups_cover_every_default_family_once_and_its_table_subtracts_the_right_way():
+    """A family added to the default mix must be withheld by some group, or the check silently skips it; the drop
+    is what the model that saw the group scores minus the model that did not."""
+    from benchmarks.lofo import GROUPS, lofo_markdown, withheld
+    from synth.engine import SynthConfig
+
+    grouped = [f for fs in GROUPS.values() for f in fs]
+    assert sorted(grouped) == sorted(f for f, w in SynthConfig().families.items() if w > 0)
+    assert withheld("strokes") == ["synth.families.bezier_stroke=0.0", "synth.families.line=0.0"]
+
+    def metrics(ap, score):
+        return {"pixel_ap": ap, "score": score}
+
+    per = {"all": {"real": metrics(0.5, 0.8), "synthetic": {g: metrics(0.6, 0.7) for g in GROUPS}}}
+    per.update({g: {"real": metrics(0.4, 0.7), "synthetic": {g: metrics(0.2, 0.5)}} for g in GROUPS})
+    results = {"p1": {"UNet": per, "Evidence UNet": per}}
+    md = lofo_markdown({"mode": "quick", "date": "d", "machine": "m", "minutes": 1}, results)
+    assert "| UNet | blobs | 0.600 | 0.200 | +0.400 | 0.700 | 0.500 | 0.800 / 0.700 | 0.500 / 0.400 |" in md
+    assert "synthetic pixel AP of that group +0.400; real score +0.100" in md
