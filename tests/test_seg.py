@@ -334,10 +334,10 @@ def test_evidence_unet_trains_in_the_same_loop_and_reloads(ok_dir, tmp_path):
     assert config["model"]["arch"] == "evidence_unet"
 
 
-def test_simplenet_learns_in_the_same_loop_to_flag_a_planted_pit(ok_dir, tmp_path):
-    """Trained by `seg train` on synthetic defects (its feature-noise term added by the loss), SimpleNet's map is
-    higher on a planted dark pit than on the surface around it; the noise term alone reaches the adaptor and the
-    discriminator, and is gone in eval mode or without noise."""
+def trained_to_flag_a_planted_pit(ok_dir, out, arch: str, **model_cfg):
+    """Train `arch` (Lite weights) by `seg train` on small synthetic batches, load its best.pt and check that its
+    map on a planted dark pit stands more than one logit above the surface around it. Returns (model, the config it
+    was trained with, the crop)."""
     import cv2
     import numpy as np
 
@@ -346,22 +346,31 @@ def test_simplenet_learns_in_the_same_loop_to_flag_a_planted_pit(ok_dir, tmp_pat
     from synth.engine import SourcePool
 
     torch.manual_seed(0)
-    cfg = tiny_config(ok_dir, tmp_path / "sn", epochs=2, steps_per_epoch=30, batch_size=8)
+    cfg = tiny_config(ok_dir, out, epochs=2, steps_per_epoch=30, batch_size=8)
     cfg["synth"]["size"] = 128
-    cfg["model"].update(arch="simplenet", weights="lite")
-    logs = []
-    train(cfg, log=logs.append)
-    model, config, _ = load_model(tmp_path / "sn" / "best.pt", torch.device("cpu"))
-    assert config["model"]["arch"] == "simplenet"
-    assert not torch.equal(model.net.adaptor.weight.flatten(1), torch.eye(model.net.adaptor.weight.shape[0]))
+    cfg["model"].update(arch=arch, weights="lite", **model_cfg)
+    train(cfg, log=lambda m: None)
+    model, config, _ = load_model(out / "best.pt", torch.device("cpu"))
+    assert config["model"]["arch"] == arch
     crop = SourcePool(ok_dir).random_crops(1, 7)[0].copy()
     mask = np.zeros((128, 128), np.uint8)
     cv2.circle(mask, (70, 64), 9, 1, -1)
     crop[mask > 0] = 15
     with torch.no_grad():
-        out = model(crops_tensor([crop]))["mask"][0, 0].numpy()
+        out_map = model(crops_tensor([crop]))["mask"][0, 0].numpy()
     ring = cv2.dilate(mask, np.ones((41, 41))) == 0
-    assert out[mask > 0].mean() > out[ring].mean() + 1.0, (out[mask > 0].mean(), out[ring].mean())
+    assert out_map[mask > 0].mean() > out_map[ring].mean() + 1.0, (out_map[mask > 0].mean(), out_map[ring].mean())
+    return model, cfg, crop
+
+
+def test_simplenet_learns_in_the_same_loop_to_flag_a_planted_pit(ok_dir, tmp_path):
+    """Trained by `seg train` on synthetic defects (its feature-noise term added by the loss), SimpleNet's map is
+    higher on a planted dark pit than on the surface around it; the noise term alone reaches the adaptor and the
+    discriminator, and is gone in eval mode or without noise."""
+    from synth.dataset import crops_tensor
+
+    model, config, crop = trained_to_flag_a_planted_pit(ok_dir, tmp_path / "sn", "simplenet")
+    assert not torch.equal(model.net.adaptor.weight.flatten(1), torch.eye(model.net.adaptor.weight.shape[0]))
     model.train()
     parts = SegmentationLoss()(model(crops_tensor([crop] * 2)), torch.zeros(2, 1, 128, 128), torch.zeros(2, 1))
     parts["aux"].backward()  # the feature-space term alone trains the adaptor and the discriminator
@@ -397,30 +406,12 @@ def test_realnet_learns_in_the_same_loop_to_restore_and_flag_a_planted_pit(ok_di
     """Trained by `seg train` (AFS on synthetic pairs before training, its reconstruction term added by the loss),
     RealNet's map is higher on a planted dark pit than on the surface around it; the reconstruction term alone
     reaches the reconstruction networks, and needs the clean originals (which a synth folder does not keep)."""
-    import cv2
-    import numpy as np
-
-    from ensemble.models import load_model
     from synth.dataset import crops_tensor
     from synth.engine import SourcePool
 
-    torch.manual_seed(0)
-    cfg = tiny_config(ok_dir, tmp_path / "rn", epochs=2, steps_per_epoch=30, batch_size=8)
-    cfg["synth"]["size"] = 128
-    cfg["model"].update(arch="realnet", weights="lite", normal_crops=32)
-    train(cfg, log=lambda m: None)
-    model, config, _ = load_model(tmp_path / "rn" / "best.pt", torch.device("cpu"))
-    assert config["model"]["arch"] == "realnet"
+    model, cfg, crop = trained_to_flag_a_planted_pit(ok_dir, tmp_path / "rn", "realnet", normal_crops=32)
     kept = [model.net.select0, model.net.select1, model.net.select2]
     assert [len(k) for k in kept] == model.net.kept and any(not torch.equal(k, torch.arange(len(k))) for k in kept)
-    crop = SourcePool(ok_dir).random_crops(1, 7)[0].copy()
-    mask = np.zeros((128, 128), np.uint8)
-    cv2.circle(mask, (70, 64), 9, 1, -1)
-    crop[mask > 0] = 15
-    with torch.no_grad():
-        out = model(crops_tensor([crop]))["mask"][0, 0].numpy()
-    ring = cv2.dilate(mask, np.ones((41, 41))) == 0
-    assert out[mask > 0].mean() > out[ring].mean() + 1.0, (out[mask > 0].mean(), out[ring].mean())
     model.train()
     x = crops_tensor([crop] * 2)
     clean = crops_tensor(SourcePool(ok_dir).random_crops(2, 7))
