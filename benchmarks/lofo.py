@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import run as bench
+from benchmarks.fit_weights import subset_metrics
 from core.io import write_json, write_png, atomic_write_bytes
-from ensemble.evaluate import compute_metrics, load_ground_truth, load_predictions
 from seg.config import load_config, ok_pools
 from synth.engine import DefectSynthesizer, SynthConfig
 from synth.streams import BENCH, stream
@@ -59,15 +60,11 @@ def synthetic_set(config: str, data: str, part: int, group: str, out: Path, n: i
 def score_on(run, model: Path, images: Path, pred: Path, log) -> dict:
     """Predict `images` with a model file's own calibration and score against the masks beside them."""
     run(["ensemble", "predict", "-m", str(model), "--images", str(images), "-o", str(pred)], log)
-    _, stems, gt = load_ground_truth(images)
-    masks, probs, score_map = load_predictions(pred, stems, [g.shape for g in gt])
-    return compute_metrics(masks, gt, probs, [score_map[s] for s in stems])
+    return subset_metrics(pred, images)
 
 
 def run_lofo(sets, out: Path, b: dict, reuse: bool, log, config: str) -> dict:
     """{part: {segmenter: {variant: {"real": metrics, "synthetic": {group: metrics}}}}}; variant "all" or a group."""
-    from benchmarks import run as bench
-
     methods = tuple(m for _, m, _ in SEGMENTERS)
     results: dict = {}
     for label, data, part in sets:
