@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.run import DEV_SETS, FULL, QUICK, parse_sets, run_set  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, find_images, find_mask_dir, mask_path_for  # noqa: E402
-from ensemble.evaluate import compute_metrics, load_ground_truth, load_predictions  # noqa: E402
+from ensemble.evaluate import score_folder  # noqa: E402
 from core.io import half_of, labelled_defects  # noqa: E402
 from seg.gap import families_override, fit_family_weights, gap_report  # noqa: E402
 from synth.engine import FAMILIES, SynthConfig  # noqa: E402
@@ -43,9 +43,7 @@ KEYS = ("score", "pixel_ap", "pixel_auroc", "escape", "overkill", "miou")
 
 def subset_metrics(pred_dir: Path, scoring_images: Path) -> dict:
     """The metrics of an existing prediction folder (all test crops) on the scoring crops only."""
-    _, stems, gt = load_ground_truth(scoring_images)
-    masks, probs, scores = load_predictions(pred_dir, stems, [g.shape for g in gt])
-    m = compute_metrics(masks, gt, probs, [scores[s] for s in stems] if scores else None)
+    m = score_folder(pred_dir, scoring_images, with_oracle=False).metrics
     return {k: m[k] for k in KEYS}
 
 

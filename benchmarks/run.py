@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.metrics import precision_recall  # noqa: E402
-from ensemble.evaluate import COLUMNS, compute_metrics, load_ground_truth, load_predictions, oracle  # noqa: E402
+from ensemble.evaluate import COLUMNS, load_ground_truth, score_folder  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image, read_json_file, write_json  # noqa: E402
 
 QUICK = {"epochs": 4, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
@@ -157,7 +157,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
             "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
             "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"])}
-    image_paths, stems, gt = load_ground_truth(test_images)
+    truth = image_paths, stems, gt = load_ground_truth(test_images)
     results, curves, grids = {}, {}, {}
     for name, (method, parts) in rows.items():
         if method not in methods:
@@ -171,15 +171,12 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             source = ck
         pred = run(["ensemble", "predict", *source, "--images", str(test_images), "-o", str(out / "pred" / slug)],
                    log)
-        masks, probs, score_map = load_predictions(out / "pred" / slug, stems, [g.shape for g in gt])
-        scores = [score_map[s] for s in stems]
-        m = compute_metrics(masks, gt, probs, scores)
-        best = oracle(out / "pred" / slug, test_images, stems, gt, probs)
+        e = score_folder(out / "pred" / slug, test_images, truth=truth)
+        m, masks, probs, scores = e.metrics, e.masks, e.maps, e.scores
         summary = read_json_file(out / "pred" / slug / "predict.json")
         keys = [f"train_{x}" if x in {m for _, m, _ in SEGMENTERS} else f"fit_{x}" for x in parts]
         fit = [steps[k] for k in keys if k in steps]
-        m.update(oracle_score=best["score"], calibration_loss=best["score"] - m["score"],
-                 fit_seconds=sum(x["seconds"] for x in fit) if fit else float("nan"),
+        m.update(fit_seconds=sum(x["seconds"] for x in fit) if fit else float("nan"),
                  predict_images_per_s=summary["images_per_s"],
                  peak_mb=max([pred["peak_mb"]] + [x["peak_mb"] for x in fit]), params=summary["params"])
         results[name] = m
@@ -188,7 +185,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         curves[name] = (precision_recall(flat_p[::4], flat_g[::4]),
                         precision_recall(np.asarray(scores), np.array([g.any() for g in gt])))
         grids[name] = masks
-        log(f"{label} {name}: score {m['score']:.3f} (oracle {best['score']:.3f}), pixel AP {m['pixel_ap']:.3f}")
+        log(f"{label} {name}: score {m['score']:.3f} (oracle {m['oracle_score']:.3f}), pixel AP {m['pixel_ap']:.3f}")
     pr_plot(out / "pr_curves.png", curves)
     masks_grid(out / "masks_grid.png", image_paths, stems, gt, grids)
     return results

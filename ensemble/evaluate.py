@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,23 +182,47 @@ def html_report(paths, stems, gt, pred, metrics: dict, scores, k: int = 12) -> s
             f"<h2>False alarms</h2>{''.join(card(i) for i in alarms) or '<p>none</p>'}")
 
 
-def evaluate(pred_dir: str | Path, gt_images: str | Path, out: str | Path | None = None, name: str = "model") -> dict:
-    paths, stems, gt = load_ground_truth(gt_images)
-    pred, probs, score_map = load_predictions(pred_dir, stems, [g.shape for g in gt])
+@dataclass
+class Evaluation:
+    """A predict folder scored against labelled images: the metrics and what they were computed from."""
+
+    paths: list[Path]
+    stems: list[str]
+    gt: list[np.ndarray]
+    masks: list[np.ndarray]
+    maps: list[np.ndarray] | None
+    scores: list[float] | None
+    metrics: dict
+
+
+def score_folder(pred_dir: str | Path, gt_images: str | Path, with_oracle: bool = True,
+                 truth: tuple[list[Path], list[str], list[np.ndarray]] | None = None) -> Evaluation:
+    """Every figure of a predict folder (or a folder of submission JSONs) against the labelled images `gt_images`:
+    `compute_metrics`, and with `with_oracle`, where the folder can say, the oracle score (the best thresholds on
+    these labels: reporting only), the calibration loss and the oracle's thresholds. `truth`: the ground truth of
+    `gt_images`, already loaded (`load_ground_truth`). The one way `ensemble evaluate`, `bench` and the benchmark
+    scripts score a folder."""
+    paths, stems, gt = truth if truth is not None else load_ground_truth(gt_images)
+    masks, maps, score_map = load_predictions(pred_dir, stems, [g.shape for g in gt])
     scores = None
     if score_map is not None:
         missing = [s for s in stems if s not in score_map]
         if missing:
             raise InputError(f"{Path(pred_dir) / 'scores.csv'}: no score for {missing[0]}")
         scores = [score_map[s] for s in stems]
-    metrics = compute_metrics(pred, gt, probs, scores)
-    best = oracle(pred_dir, gt_images, stems, gt, probs) if any(g.any() for g in gt) else None
+    metrics = compute_metrics(masks, gt, maps, scores)
+    best = oracle(pred_dir, gt_images, stems, gt, maps) if with_oracle and any(g.any() for g in gt) else None
     if best is not None:
         metrics.update(oracle_score=best["score"], calibration_loss=best["score"] - metrics["score"],
                        oracle_params={k: best[k] for k in ("threshold", "image_threshold", "min_area")})
+    return Evaluation(paths, stems, gt, masks, maps, scores, metrics)
+
+
+def evaluate(pred_dir: str | Path, gt_images: str | Path, out: str | Path | None = None, name: str = "model") -> dict:
+    e = score_folder(pred_dir, gt_images)
     out = Path(out or pred_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "eval.json", metrics)
-    atomic_write_bytes(out / "eval.md", markdown_table({name: metrics}).encode())
-    atomic_write_bytes(out / "eval.html", html_report(paths, stems, gt, pred, metrics, scores).encode())
-    return metrics
+    write_json(out / "eval.json", e.metrics)
+    atomic_write_bytes(out / "eval.md", markdown_table({name: e.metrics}).encode())
+    atomic_write_bytes(out / "eval.html", html_report(e.paths, e.stems, e.gt, e.masks, e.metrics, e.scores).encode())
+    return e.metrics

@@ -51,6 +51,7 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
+    # the keys of seg.models.ARCHS (this module loads without torch; a test keeps the two equal)
     "model.arch": ("unet", "unet3plus", "evidence_unet", "simplenet", "realnet"),
     "model.weights": ("lite", "imagenet", "none"),
     "model.in_channels": (1, 3), "train.scheduler": ("cosine", "onecycle"),

@@ -13,7 +13,7 @@ from conftest import ROOT
 from seg.config import load_config
 from seg.curriculum import CurriculumSchedule
 from seg.losses import SegmentationLoss
-from seg.models import create_model
+from seg.models import ARCHS, create_model
 from seg.models.encoders import lite_state_dict
 from core.postprocess import final_mask
 from seg.train import load_checkpoint, train
@@ -22,7 +22,16 @@ from core.io import InputError
 SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet", "realnet"])
+def test_the_config_accepts_every_registered_arch_and_no_other():
+    """seg.config keeps its own list (it must load without torch); it must name exactly the registry's entries."""
+    from seg.config import CHOICES
+
+    assert CHOICES["model.arch"] == tuple(ARCHS)
+    with pytest.raises(InputError, match="model.arch"):
+        load_config(None, ["model.arch=segformer"])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("encoder,channels,size", [("tu-tf_efficientnet_lite0", 1, 64), ("resnet18", 3, 96)])
 def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size):
     torch.manual_seed(0)
@@ -33,7 +42,7 @@ def test_every_arch_gives_masks_of_the_input_size(arch, encoder, channels, size)
     assert out["image"].shape == (2, 1)
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet3plus", "evidence_unet", "simplenet", "realnet"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_arch_round_trips_through_its_model_file(arch, ok_dir, tmp_path):
     """save_model_file -> load_model (the inference path) gives bit-identical outputs, for every segmenter."""
     from core.modelfile import save_model_file

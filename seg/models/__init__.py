@@ -15,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import segmentation_models_pytorch as smp
 import torch
@@ -28,8 +29,6 @@ from .evidence import EvidenceUnet
 from .realnet import RealNet
 from .simplenet import SimpleNet
 from .unet3plus.model import UNet3Plus
-
-ARCHS = ("unet", "unet3plus", "evidence_unet", "simplenet", "realnet")
 
 
 class Segmenter(nn.Module):
@@ -77,13 +76,66 @@ class Segmenter(nn.Module):
         out = self.net(xn, **extra)
         if isinstance(out, dict):  # a net that names its outputs (simplenet, realnet)
             return {"image": None, "deep": None, **out}
-        if self.arch == "unet3plus":
+        if isinstance(out, tuple) and len(out) == 3:  # (mask, image, deep supervision maps): unet3plus
             mask, image, deep = out
         elif isinstance(out, tuple):
             (mask, image), deep = out, None
         else:
             mask, image, deep = out, None, None
         return {"mask": mask, "image": image, "deep": deep}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The arguments every architecture's builder receives (`create_model`'s, with the hub weights resolved)."""
+
+    encoder: str
+    weights: str  # lite | imagenet | none
+    hub: object  # what smp's `encoder_weights` takes: None, "imagenet" or True (timm `tu-` encoders)
+    in_channels: int
+    decoder_channels: tuple[int, ...]
+    image_head: bool
+    deep_supervision: bool
+    cgm: bool
+    coreset_ratio: float
+
+    @property
+    def backbone(self) -> str:
+        """The timm name of the encoder, for the methods on frozen features (`tu-` prefix removed)."""
+        return self.encoder[3:] if self.encoder.startswith("tu-") else self.encoder
+
+
+def _unet(a: ModelArgs) -> nn.Module:
+    aux = dict(classes=1, pooling="max", dropout=0.2) if a.image_head else None
+    return smp.Unet(a.encoder, encoder_weights=a.hub, in_channels=a.in_channels, classes=1,
+                    decoder_channels=a.decoder_channels, aux_params=aux)
+
+
+def _unet3plus(a: ModelArgs) -> nn.Module:
+    return UNet3Plus(a.encoder, encoder_weights=a.hub, in_channels=a.in_channels,
+                     cat_channels=max(8, a.decoder_channels[0] // 4), deep_supervision=a.deep_supervision,
+                     cgm=a.cgm, image_head=a.image_head)
+
+
+def _evidence_unet(a: ModelArgs) -> nn.Module:
+    return EvidenceUnet(a.encoder, a.hub, a.in_channels, a.decoder_channels, a.image_head, a.weights,
+                        a.coreset_ratio)
+
+
+def _simplenet(a: ModelArgs) -> nn.Module:
+    return SimpleNet(a.backbone, a.weights, hidden=2 * a.decoder_channels[0], image_head=a.image_head)
+
+
+def _realnet(a: ModelArgs) -> nn.Module:
+    return RealNet(a.backbone, a.weights, hidden=max(16, a.decoder_channels[0] // 2), image_head=a.image_head)
+
+
+# The registry: one builder per architecture. What a model needs from training (a normal model fitted first,
+# clean originals, synthetic pairs) it declares on itself (see `Segmenter`), so nothing else names an arch.
+ARCHS: dict[str, Callable[[ModelArgs], nn.Module]] = {
+    "unet": _unet, "unet3plus": _unet3plus, "evidence_unet": _evidence_unet, "simplenet": _simplenet,
+    "realnet": _realnet,
+}
 
 
 def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", weights: str = "none",
@@ -110,23 +162,10 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     hub = None
     if weights == "imagenet":
         hub = True if encoder.startswith("tu-") else "imagenet"
+    args = ModelArgs(encoder, weights, hub, in_channels, tuple(decoder_channels), image_head, deep_supervision,
+                     cgm, coreset_ratio)
     try:
-        if arch == "unet":
-            aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
-            net = smp.Unet(encoder, encoder_weights=hub, in_channels=in_channels, classes=1,
-                           decoder_channels=tuple(decoder_channels), aux_params=aux)
-        elif arch == "simplenet":
-            backbone = encoder[3:] if encoder.startswith("tu-") else encoder
-            net = SimpleNet(backbone, weights, hidden=2 * decoder_channels[0], image_head=image_head)
-        elif arch == "realnet":
-            backbone = encoder[3:] if encoder.startswith("tu-") else encoder
-            net = RealNet(backbone, weights, hidden=max(16, decoder_channels[0] // 2), image_head=image_head)
-        elif arch == "evidence_unet":
-            net = EvidenceUnet(encoder, hub, in_channels, decoder_channels, image_head, weights, coreset_ratio)
-        else:
-            net = UNet3Plus(encoder, encoder_weights=hub, in_channels=in_channels,
-                            cat_channels=max(8, decoder_channels[0] // 4), deep_supervision=deep_supervision,
-                            cgm=cgm, image_head=image_head)
+        net = ARCHS[arch](args)
     except (KeyError, ValueError) as e:
         raise InputError(f"model.encoder: cannot build {encoder!r} ({e})") from None
     if weights == "lite":
