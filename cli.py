@@ -234,7 +234,7 @@ def seg_train(
 def calibrate_file(path: Path) -> None:
     """Calibrate a freshly written model file from its own config's held-out OK images (a failure only warns:
     the model stays, `ensemble calibrate` can do it later)."""
-    from ensemble.calibrate import calibrate_model_file
+    from ensemble.calibrate import calibrate_model_file, sheet_path
 
     try:
         r = calibrate_model_file(path, warn=warn)
@@ -245,7 +245,7 @@ def calibrate_file(path: Path) -> None:
     console.print(f"calibrated on {r['normal_crops']} held-out normal crops + synthetic defects: pixel threshold "
                   f"{p['threshold']:.3g}, image threshold {p['image_threshold']:.3g}, min_area {p['min_area']} "
                   f"(target overkill {r['target_overkill']:.0%}, synthetic escape {rep['synthetic_escape']:.2f}) "
-                  f"-> stored in {path}", highlight=False)
+                  f"-> stored in {path} (what set it: {sheet_path(path)})", highlight=False)
 
 
 @seg_app.command("convert")
@@ -385,7 +385,7 @@ def ensemble_calibrate(
     """Choose the operating point from OK images: map scales and the image threshold from held-out normal crops,
     pixel threshold and min_area from synthetic defects on them (or everything from labelled real crops)."""
     from core.modelfile import load_model_file
-    from ensemble.calibrate import calibrate_from_config
+    from ensemble.calibrate import calibrate_from_config, sheet_path
     from ensemble.evaluate import has_ground_truth, load_ground_truth
     from core.io import read_image, write_json
 
@@ -401,12 +401,14 @@ def ensemble_calibrate(
                                  "held-out OK images, give --val-dir only for labelled crops")
             paths, _, gt = load_ground_truth(val_dir)
             labelled = ([read_image(x, ens.channels) for x in paths], gt)
-        report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn)
+        sheet = None if labelled is not None else sheet_path(out)
+        report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn, sheet=sheet)
         spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
                 "weights": [float(w) for w in ens.weights], "norms": report["norms"], "params": report["params"],
                 "calibration": {k: v for k, v in report.items() if k not in ("norms", "params")}}
         write_json(out, spec)
-        console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}", highlight=False)
+        console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}"
+                      + (f" (what set it: {sheet})" if sheet else ""), highlight=False)
 
 
 @ensemble_app.command("evaluate")

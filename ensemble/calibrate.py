@@ -24,10 +24,12 @@ import cv2
 import numpy as np
 import torch
 
+from core.io import write_png
 from core.modelfile import load_model_file, set_calibration
-from core.postprocess import postprocess
+from core.postprocess import evidence, postprocess
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
+from synth.preview import caption, grid, outline
 from synth.streams import CALIBRATION, stream
 
 from .models import Ensemble
@@ -40,9 +42,10 @@ FLAG_ALL = -1e30  # an image threshold below every evidence: any non-empty mask 
 
 
 # ------------------------------------------------------------------------------------------------ data
-def normal_crops(pool: SourcePool, n: int, seed: int) -> list[np.ndarray]:
-    """n random uint8 crops of the pool's size from its images (real normal crops)."""
-    return pool.random_crops(n, [CALIBRATION, seed, 0])
+def normal_crops(pool: SourcePool, n: int, seed: int, where: list | None = None) -> list[np.ndarray]:
+    """n random uint8 crops of the pool's size from its images (real normal crops); `where` receives their origins
+    (image path, y, x)."""
+    return pool.random_crops(n, [CALIBRATION, seed, 0], where)
 
 
 def synthetic_defects(cfg: dict, pool: SourcePool, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -249,10 +252,12 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
 
 # ------------------------------------------------------------------------------------------------ driver
 def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list, list] | None, defaults: dict,
-              target_overkill: float, labelled: tuple[list, list] | None = None, balance_sizes: bool = False) -> dict:
+              target_overkill: float, labelled: tuple[list, list] | None = None, balance_sizes: bool = False,
+              sheet: str | Path | None = None, normal_where: Sequence[tuple] | None = None) -> dict:
     """Fit the ensemble's normalisers on `normal` crops, then choose its operating point: from `labelled` real crops
     when given, else from the normal crops (image threshold) and the `synthetic` (images, masks) defects.
-    Returns {"params", "norms", "mode", "report"}; the ensemble keeps the fitted normalisers."""
+    `sheet`: a PNG of what set the operating point (`calibration_sheet`; `normal_where`: the normal crops' origins,
+    for its captions). Returns {"params", "norms", "mode", "report"}; the ensemble keeps the fitted normalisers."""
     if not 0 <= target_overkill < 1:
         raise ValueError(f"target_overkill: expected a rate in [0, 1), got {target_overkill}")
     if not len(normal):
@@ -270,25 +275,38 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         if synthetic is None or not len(synthetic[0]):
             raise ValueError("calibration needs synthetic defects (or labelled real crops); none were given")
         rois = None if roi is None else (rois_for(normal, roi), rois_for(synthetic[0], roi))
-        best = operating_point(ens.predict(list(normal)), ens.predict(list(synthetic[0])), list(synthetic[1]),
-                               ens.rehit, params["opening"], target_overkill, rois, balance_sizes)
+        on_normal, on_synthetic = ens.predict(list(normal)), ens.predict(list(synthetic[0]))
+        best = operating_point(on_normal, on_synthetic, list(synthetic[1]), ens.rehit, params["opening"],
+                               target_overkill, rois, balance_sizes)
         mode = "ok-images"
     params.update(threshold=best["threshold"], min_area=best["min_area"], image_threshold=best["image_threshold"])
+    if mode == "ok-images":  # the normal crops that set the image threshold: in the report, and drawn in `sheet`
+        best["loudest_normals"] = calibration_sheet(
+            sheet, ens.rehit, params, (list(normal), on_normal, rois and rois[0], normal_where),
+            (list(synthetic[0]), on_synthetic, rois and rois[1], list(synthetic[1])))
     return {"params": params, "norms": norms, "mode": mode, "target_overkill": target_overkill,
             "normal_crops": len(normal), "report": best}
 
 
 def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overkill: float | None = None,
-                          labelled: tuple[list, list] | None = None, warn=None) -> dict:
+                          labelled: tuple[list, list] | None = None, warn=None,
+                          sheet: str | Path | None = None) -> dict:
     """`calibrate` with normal crops and synthetic defects drawn from the held-out OK images of `cfg`."""
     c = cfg["calibrate"]
     pool, held_out = calibration_pools(cfg, warn)
-    normal = normal_crops(pool, c["normal_crops"], c["seed"])
+    where: list[tuple] = []
+    normal = normal_crops(pool, c["normal_crops"], c["seed"], where)
     synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
     rate = c["target_overkill"] if target_overkill is None else target_overkill
-    out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False))
+    out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where)
     out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
     return out
+
+
+def sheet_path(path: str | Path) -> Path:
+    """Where the calibration sheet of a model file or an ensemble.json goes: beside it, `<stem>_calibration.png`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_calibration.png")
 
 
 def calibrate_model_file(path: str | Path, device: str = "auto", warn=None) -> dict:
@@ -297,8 +315,54 @@ def calibrate_model_file(path: str | Path, device: str = "auto", warn=None) -> d
     cfg = load_model_file(path)["config"]
     ens = Ensemble.from_checkpoints([path], device, tta_mode=cfg["predict"]["tta"], norms=[None],
                                     batch_size=cfg["predict"]["batch_size"])
-    out = calibrate_from_config(ens, cfg, cfg["predict"], warn=warn)
+    out = calibrate_from_config(ens, cfg, cfg["predict"], warn=warn, sheet=sheet_path(path))
     set_calibration(path, {"norm": out["norms"][0], "params": out["params"], "tta": ens.tta_mode,
                            "mode": out["mode"], "target_overkill": out["target_overkill"], "report": out["report"],
                            "held_out_images": out["held_out_images"]})
     return out
+
+
+# ------------------------------------------------------------------------------------------------ picture
+def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, float, bool]:
+    """(post-processed mask, image evidence, flagged) of one prediction at `params`, as `ensemble predict` judges."""
+    mask = postprocess(r["map"], params["threshold"], params["min_area"], params["opening"], roi,
+                       rehit(r, params["threshold"]))
+    ev = evidence(mask, r["map"], r["image"])
+    return mask, ev, bool(mask.any()) and ev >= params["image_threshold"]
+
+
+def _captioned(tile: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    for line in lines:
+        tile = caption(tile, line)
+    return tile
+
+
+def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, normal: tuple, synthetic: tuple,
+                      n: int = 8) -> list[dict]:
+    """One PNG of what set the operating point, for a person to look at: top row, the held-out normal crops with
+    the highest image evidence (those that fix the image threshold; flagged ones are the false alarms the budget
+    allows), each with its mask outlined in red and its origin (image, y, x) below; bottom row, the synthetic
+    defects with the lowest evidence (the escapes), ground truth in green. A normal crop that scores high because
+    of a region the test images never show (a selvage, a background, a fixture) makes the threshold strict: this is
+    where to see it. Returns those normal crops, loudest first: {"image", "y", "x", "evidence", "flagged"}
+    (image: the path in the pool, or the crop's index when `where` is not given); `path` None: no picture."""
+    images, results, rois, where = normal
+    judged = [_judged(r, rehit, params, rois[i] if rois else None) for i, r in enumerate(results)]
+    tiles, loudest = [], []
+    for i in sorted(range(len(images)), key=lambda i: -judged[i][1])[:n]:
+        mask, ev, flagged = judged[i]
+        image, y, x = where[i] if where else (i, 0, 0)
+        loudest.append({"image": image, "y": int(y), "x": int(x), "evidence": ev if np.isfinite(ev) else None,
+                        "flagged": flagged})
+        lines = (Path(str(image)).stem[:15], f"y {y}, x {x}", f"{ev:.2f} {'ALARM' if flagged else 'ok'}")
+        tiles.append(_captioned(outline(images[i], mask), lines))
+    if path is None:
+        return loudest
+    s_images, s_results, s_rois, s_gt = synthetic
+    s_judged = [_judged(r, rehit, params, s_rois[i] if s_rois else None) for i, r in enumerate(s_results)]
+    for i in sorted(range(len(s_images)), key=lambda i: s_judged[i][1])[:n]:
+        mask, ev, flagged = s_judged[i]
+        tile = outline(outline(s_images[i], s_gt[i], (0, 200, 0)), mask)
+        tiles.append(_captioned(tile, (f"synthetic {i}", "", f"{ev:.2f} {'found' if flagged else 'ESCAPE'}")))
+    write_png(path, grid(tiles, cols=min(n, len(images))))
+    return loudest

@@ -141,14 +141,18 @@ class SourcePool:
     def index(self, rel: str) -> int:
         return self.paths.index(rel)
 
-    def random_crops(self, n: int, seed: int) -> list[np.ndarray]:
-        """n uint8 crops of the pool's size at random images and positions, drawn from `default_rng(seed)`."""
+    def random_crops(self, n: int, seed: int, where: list | None = None) -> list[np.ndarray]:
+        """n uint8 crops of the pool's size at random images and positions, drawn from `default_rng(seed)`.
+        `where`: a list that receives each crop's origin, (image path, y, x)."""
         rng = np.random.default_rng(seed)
         s, out = self.size, []
         for _ in range(n):
-            img = self.load(int(rng.integers(len(self))))
+            i = int(rng.integers(len(self)))
+            img = self.load(i)
             y, x = int(rng.integers(0, img.shape[0] - s + 1)), int(rng.integers(0, img.shape[1] - s + 1))
             out.append(np.ascontiguousarray(img[y:y + s, x:x + s]))
+            if where is not None:
+                where.append((self.paths[i], y, x))
         return out
 
     def split(self, holdout: float, seed: int = 0) -> tuple["SourcePool", "SourcePool | None"]:

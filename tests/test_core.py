@@ -108,6 +108,37 @@ def test_model_file_carries_its_thresholds_and_predict_uses_them(ok_dir, tmp_pat
     assert used["threshold"] != cfg["predict"]["threshold"]  # not the uncalibrated default
 
 
+def test_calibration_shows_the_normal_crops_that_set_the_threshold(tmp_path):
+    """A region of one held-out OK image unlike the rest (a selvage, a fixture) scores high on its normal crops and
+    makes the image threshold strict: the report names those crops first, with their origin, and the sheet shows
+    them. Crop origins reproduce the crops exactly."""
+    ok = tmp_path / "OK_Images"
+    ok.mkdir()
+    for i in range(10):
+        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i))
+    held = SourcePool(ok).split(0.2, 0)[1]
+    assert len(held) == 2
+    odd = textured(9)
+    odd[:, 180:] = np.where(np.indices(odd[:, 180:].shape).sum(0) % 6 < 3, 230, 20)  # a striped margin
+    cv2.imwrite(str(ok / held.paths[0]), odd)
+    where = []
+    crops = held.random_crops(6, 3, where)
+    assert all(np.array_equal(c, held.load(held.paths.index(p))[y:y + 128, x:x + 128]) for c, (p, y, x) in
+               zip(crops, where))
+    cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=16", "baseline.n_val=8",
+                             "calibrate.normal_crops=32", "calibrate.synth_n=16"])
+    fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
+    loudest = calibrate_model_file(tmp_path / "m.pt", "cpu")["report"]["loudest_normals"]
+    assert len(loudest) == 8
+    # without the margin the other held-out image and crops left of column 180 are among them (checked by hand)
+    assert all(e["image"] == held.paths[0] and e["x"] + 128 > 180 for e in loudest)  # all reach into the margin
+    evidence = [e["evidence"] if e["evidence"] is not None else -np.inf for e in loudest]
+    assert evidence == sorted(evidence, reverse=True)
+    assert load_model_file(tmp_path / "m.pt")["calibration"]["report"]["loudest_normals"] == loudest
+    sheet = cv2.imread(str(tmp_path / "m_calibration.png"))
+    assert sheet.shape[:2] == (2 * (128 + 3 * 16 + 4) + 4, 8 * (128 + 4) + 4)  # 8 normal crops over 8 synthetic
+
+
 def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monkeypatch):
     out, tmp = tmp_path / "pred", tmp_path / ".pred.partial"
     out.mkdir()
