@@ -39,12 +39,12 @@ class SeededAugment:
         self.compose = compose
 
     def __call__(self, image, mask, seed: int, clean=None):
-        """(image, mask), or (image, mask, clean) given the clean original: the same transform for both images."""
+        """(image, mask, clean): the clean original, when given, transformed exactly as the image; else None."""
         if self.compose is None:
-            return (image, mask) if clean is None else (image, mask, clean)
+            return image, mask, clean
         self.compose.set_random_seed(seed)
         out = self.compose(image=image, mask=mask, **({} if clean is None else {"clean": clean}))
-        return (out["image"], out["mask"]) if clean is None else (out["image"], out["mask"], out["clean"])
+        return out["image"], out["mask"], out["clean"] if clean is not None else None
 
 
 def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> tuple[dict, list[str] | None]:
@@ -112,7 +112,7 @@ class SynthFolderDataset(Dataset):
         r = self.rows[self.active[k]]
         image = read_image(self.folder / "images" / f"{r['id']}.png", self.channels)
         mask = read_mask(self.folder / "masks" / f"{r['id']}.png", image.shape[:2])
-        image, mask = self.augment(image, mask, seed=hash((self.seed, self.epoch, k)) & 0x7FFFFFFF)
+        image, mask, _ = self.augment(image, mask, seed=hash((self.seed, self.epoch, k)) & 0x7FFFFFFF)
         img, m = to_tensors(image, mask)
         return {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
                 "difficulty": torch.tensor(-1.0 if r["difficulty"] is None else r["difficulty"])}

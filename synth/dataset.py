@@ -48,9 +48,8 @@ class SynthDataset(Dataset):
         rng = stream(TRAIN, self.seed, self.epoch, self.rank, i)
         image, clean, mask, record = self.engine.draw_pair(rng, self.sources, self.max_difficulty)
         clean = clean if self.with_clean else None
-        if self.augment is not None:  # a callable (image, mask, seed[, clean]) -> (image, mask[, clean])
-            image, mask, *rest = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)), clean=clean)
-            clean = rest[0] if rest else None
+        if self.augment is not None:  # a callable (image, mask, seed, clean) -> (image, mask, clean or None)
+            image, mask, clean = self.augment(image, mask, seed=int(rng.integers(2**31 - 1)), clean=clean)
         img, m = to_tensors(image, mask)
         d = record["difficulty"]
         item = {"image": img, "mask": m, "label": torch.tensor([float(m.any())]),
