@@ -402,6 +402,8 @@ def ensemble_calibrate(
             paths, _, gt = load_ground_truth(val_dir)
             labelled = ([read_image(x, ens.channels) for x in paths], gt)
         sheet = None if labelled is not None else sheet_path(out)
+        if sheet is None:  # chosen on labelled crops: an older sheet beside `out` would no longer describe it
+            sheet_path(out).unlink(missing_ok=True)
         report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn, sheet=sheet)
         spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
                 "weights": [float(w) for w in ens.weights], "norms": report["norms"], "params": report["params"],

@@ -185,7 +185,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         curves[name] = (precision_recall(flat_p[::4], flat_g[::4]),
                         precision_recall(np.asarray(scores), np.array([g.any() for g in gt])))
         grids[name] = masks
-        log(f"{label} {name}: score {m['score']:.3f} (oracle {m['oracle_score']:.3f}), pixel AP {m['pixel_ap']:.3f}")
+        log(f"{label} {name}: score {m['score']:.3f} (oracle {_f(m.get('oracle_score'))}), "
+            f"pixel AP {m['pixel_ap']:.3f}")
     pr_plot(out / "pr_curves.png", curves)
     masks_grid(out / "masks_grid.png", image_paths, stems, gt, grids)
     return results
@@ -276,7 +277,7 @@ def results_markdown(meta: dict, per_set: dict) -> str:
     for name in names:
         cells = []
         for k, _ in keys:
-            v = np.array([r[name][k] for r in per_set.values() if name in r], float)
+            v = np.array([r[name].get(k, np.nan) for r in per_set.values() if name in r], float)
             worst = v.max() if k == "calibration_loss" else v.min()
             cells.append(f"{_f(float(v.mean()))} / {_f(float(worst))}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

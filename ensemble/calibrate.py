@@ -26,7 +26,7 @@ import torch
 
 from core.io import write_png
 from core.modelfile import load_model_file, set_calibration
-from core.postprocess import evidence, postprocess
+from core.postprocess import decide, evidence, postprocess
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -253,7 +253,7 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
 # ------------------------------------------------------------------------------------------------ driver
 def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list, list] | None, defaults: dict,
               target_overkill: float, labelled: tuple[list, list] | None = None, balance_sizes: bool = False,
-              sheet: str | Path | None = None, normal_where: Sequence[tuple] | None = None) -> dict:
+              sheet: str | Path | None = None, normal_where: Sequence[tuple] | None = None, warn=None) -> dict:
     """Fit the ensemble's normalisers on `normal` crops, then choose its operating point: from `labelled` real crops
     when given, else from the normal crops (image threshold) and the `synthetic` (images, masks) defects.
     `sheet`: a PNG of what set the operating point (`calibration_sheet`; `normal_where`: the normal crops' origins,
@@ -283,7 +283,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     if mode == "ok-images":  # the normal crops that set the image threshold: in the report, and drawn in `sheet`
         best["loudest_normals"] = calibration_sheet(
             sheet, ens.rehit, params, (list(normal), on_normal, rois and rois[0], normal_where),
-            (list(synthetic[0]), on_synthetic, rois and rois[1], list(synthetic[1])))
+            (list(synthetic[0]), on_synthetic, rois and rois[1], list(synthetic[1])), warn=warn)
     return {"params": params, "norms": norms, "mode": mode, "target_overkill": target_overkill,
             "normal_crops": len(normal), "report": best}
 
@@ -298,7 +298,8 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     normal = normal_crops(pool, c["normal_crops"], c["seed"], where)
     synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
     rate = c["target_overkill"] if target_overkill is None else target_overkill
-    out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where)
+    out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where,
+                    warn)
     out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
     return out
 
@@ -327,8 +328,7 @@ def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, fl
     """(post-processed mask, image evidence, flagged) of one prediction at `params`, as `ensemble predict` judges."""
     mask = postprocess(r["map"], params["threshold"], params["min_area"], params["opening"], roi,
                        rehit(r, params["threshold"]))
-    ev = evidence(mask, r["map"], r["image"])
-    return mask, ev, bool(mask.any()) and ev >= params["image_threshold"]
+    return mask, evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
 
 
 def _captioned(tile: np.ndarray, lines: Sequence[str]) -> np.ndarray:
@@ -338,23 +338,25 @@ def _captioned(tile: np.ndarray, lines: Sequence[str]) -> np.ndarray:
 
 
 def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, normal: tuple, synthetic: tuple,
-                      n: int = 8) -> list[dict]:
-    """One PNG of what set the operating point, for a person to look at: top row, the held-out normal crops with
-    the highest image evidence (those that fix the image threshold; flagged ones are the false alarms the budget
-    allows), each with its mask outlined in red and its origin (image, y, x) below; bottom row, the synthetic
-    defects with the lowest evidence (the escapes), ground truth in green. A normal crop that scores high because
-    of a region the test images never show (a selvage, a background, a fixture) makes the threshold strict: this is
-    where to see it. Returns those normal crops, loudest first: {"image", "y", "x", "evidence", "flagged"}
-    (image: the path in the pool, or the crop's index when `where` is not given); `path` None: no picture."""
+                      n: int = 8, warn=None) -> list[dict]:
+    """One PNG of what set the operating point, for a person to look at. Top row: the held-out normal crops with the
+    highest image evidence among those with a non-empty mask (only those can be flagged: they fix the image
+    threshold, and flagged ones are the false alarms the budget allows; crops with an empty mask follow), each with
+    its mask outlined in red and its origin (image, y, x) below. Bottom row: the synthetic defects with the lowest
+    evidence (the escapes), ground truth in green. A normal crop that scores high because of a region the test
+    images never show (a selvage, a background, a fixture) makes the threshold strict: this is where to see it.
+    Returns those normal crops, loudest first: {"image", "y", "x", "evidence", "flagged"} (image: the path in the
+    pool, or the crop's index when `where` is not given); `path` None: no picture. A picture that cannot be written
+    is a warning: the calibration stands without it."""
     images, results, rois, where = normal
     judged = [_judged(r, rehit, params, rois[i] if rois else None) for i, r in enumerate(results)]
     tiles, loudest = [], []
-    for i in sorted(range(len(images)), key=lambda i: -judged[i][1])[:n]:
+    for i in sorted(range(len(images)), key=lambda i: (judged[i][0].any(), judged[i][1]), reverse=True)[:n]:
         mask, ev, flagged = judged[i]
         image, y, x = where[i] if where else (i, 0, 0)
         loudest.append({"image": image, "y": int(y), "x": int(x), "evidence": ev if np.isfinite(ev) else None,
                         "flagged": flagged})
-        lines = (Path(str(image)).stem[:15], f"y {y}, x {x}", f"{ev:.2f} {'ALARM' if flagged else 'ok'}")
+        lines = (Path(str(image)).stem[:14], f"y {y}, x {x}", f"{ev:.2f} {'ALARM' if flagged else 'ok'}")
         tiles.append(_captioned(outline(images[i], mask), lines))
     if path is None:
         return loudest
@@ -364,5 +366,9 @@ def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, no
         mask, ev, flagged = s_judged[i]
         tile = outline(outline(s_images[i], s_gt[i], (0, 200, 0)), mask)
         tiles.append(_captioned(tile, (f"synthetic {i}", "", f"{ev:.2f} {'found' if flagged else 'ESCAPE'}")))
-    write_png(path, grid(tiles, cols=min(n, len(images))))
+    try:
+        write_png(path, grid(tiles, cols=min(n, len(images))))
+    except (OSError, cv2.error, RuntimeError) as e:
+        if warn:
+            warn(f"{path}: calibration sheet not written ({e})")
     return loudest

@@ -44,7 +44,7 @@ class SeededAugment:
             return image, mask, clean
         self.compose.set_random_seed(seed)
         out = self.compose(image=image, mask=mask, **({} if clean is None else {"clean": clean}))
-        return out["image"], out["mask"], out["clean"] if clean is not None else None
+        return out["image"], out["mask"], (out["clean"] if clean is not None else None)
 
 
 def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> tuple[dict, list[str] | None]:

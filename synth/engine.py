@@ -143,7 +143,8 @@ class SourcePool:
 
     def random_crops(self, n: int, seed: int, where: list | None = None) -> list[np.ndarray]:
         """n uint8 crops of the pool's size at random images and positions, drawn from `default_rng(seed)`.
-        `where`: a list that receives each crop's origin, (image path, y, x)."""
+        `where`: a list that receives each crop's origin, (image path, y, x), in the image as `load` returns it
+        (reflect-padded when smaller than a crop)."""
         rng = np.random.default_rng(seed)
         s, out = self.size, []
         for _ in range(n):

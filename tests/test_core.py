@@ -18,7 +18,7 @@ from conftest import ROOT, textured
 from baseline.fit import fit_baseline
 from core.modelfile import load_model_file, save_model_file
 from ensemble import predict as predict_mod
-from ensemble.calibrate import calibrate_model_file, calibration_pools
+from ensemble.calibrate import calibrate_model_file, calibration_pools, calibration_sheet
 from seg.config import load_config
 from synth.engine import SourcePool
 from core.io import InputError
@@ -137,6 +137,15 @@ def test_calibration_shows_the_normal_crops_that_set_the_threshold(tmp_path):
     assert load_model_file(tmp_path / "m.pt")["calibration"]["report"]["loudest_normals"] == loudest
     sheet = cv2.imread(str(tmp_path / "m_calibration.png"))
     assert sheet.shape[:2] == (2 * (128 + 3 * 16 + 4) + 4, 8 * (128 + 4) + 4)  # 8 normal crops over 8 synthetic
+    # a sheet that cannot be written is a warning, never a lost calibration
+    (tmp_path / "a_file").write_text("")
+    maps = [{"map": c.astype(np.float32) / 255, "image": None} for c in crops]
+    warned = []
+    shown = calibration_sheet(tmp_path / "a_file" / "s.png", lambda r, t: (r["map"] >= t).astype(np.uint8),
+                              {"threshold": 0.5, "min_area": 0, "opening": 0, "image_threshold": 0.0},
+                              (crops, maps, None, where), (crops, maps, None, [c > 128 for c in crops]), 4,
+                              warn=warned.append)
+    assert len(shown) == 4 and len(warned) == 1 and "calibration sheet not written" in warned[0]
 
 
 def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monkeypatch):

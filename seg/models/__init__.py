@@ -36,7 +36,7 @@ class Segmenter(nn.Module):
 
     def __init__(self, net: nn.Module, arch: str, mean: float, std: float):
         super().__init__()
-        self.net, self.arch = net, arch
+        self.net, self.arch = net, arch  # the registry name, for messages and inspection; nothing branches on it
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
