@@ -383,7 +383,8 @@ def ensemble_calibrate(
     device: str = typer.Option("auto"),
 ):
     """Choose the operating point from OK images: map scales and the image threshold from held-out normal crops,
-    pixel threshold and min_area from synthetic defects on them (or everything from labelled real crops)."""
+    pixel threshold and min_area from synthetic defects on them (or everything from labelled real crops). The crops
+    that set it are drawn in <out>_calibration.png."""
     from core.modelfile import load_model_file
     from ensemble.calibrate import calibrate_from_config, sheet_path
     from ensemble.evaluate import has_ground_truth, load_ground_truth
