@@ -356,7 +356,7 @@ def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, no
         image, y, x = where[i] if where else (i, 0, 0)
         loudest.append({"image": image, "y": int(y), "x": int(x), "evidence": ev if np.isfinite(ev) else None,
                         "flagged": flagged})
-        lines = (Path(str(image)).stem[:14], f"y {y}, x {x}", f"{ev:.2f} {'ALARM' if flagged else 'ok'}")
+        lines = (Path(str(image)).stem[:13], f"y {y}, x {x}", f"{ev:.2f} {'ALARM' if flagged else 'ok'}")
         tiles.append(_captioned(outline(images[i], mask), lines))
     if path is None:
         return loudest
