@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import run as bench
-from benchmarks.fit_weights import subset_metrics
 from core.io import write_json, write_png, atomic_write_bytes
+from ensemble.evaluate import score_folder
 from seg.config import load_config, ok_pools
 from synth.engine import DefectSynthesizer, SynthConfig
 from synth.streams import BENCH, stream
@@ -60,7 +60,7 @@ def synthetic_set(config: str, data: str, part: int, group: str, out: Path, n: i
 def score_on(run, model: Path, images: Path, pred: Path, log) -> dict:
     """Predict `images` with a model file's own calibration and score against the masks beside them."""
     run(["ensemble", "predict", "-m", str(model), "--images", str(images), "-o", str(pred)], log)
-    return subset_metrics(pred, images)
+    return score_folder(pred, images, with_oracle=False).metrics
 
 
 def run_lofo(sets, out: Path, b: dict, reuse: bool, log, config: str) -> dict:

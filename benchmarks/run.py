@@ -157,7 +157,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
             "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
             "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"])}
-    truth = image_paths, stems, gt = load_ground_truth(test_images)
+    truth = load_ground_truth(test_images)
+    image_paths, stems, gt = truth
     results, curves, grids = {}, {}, {}
     for name, (method, parts) in rows.items():
         if method not in methods:
