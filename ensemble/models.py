@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import ttach as tta
 
+from core.device import place, resolve_device
 from core.modelfile import load_model_file
 from seg.models import model_from_config
-from seg.train import resolve_device
 from core.io import InputError
 
 STRIDE = 32  # the deepest encoder stride: whole-image windows are padded to a multiple of it
@@ -80,7 +80,7 @@ class Ensemble:
         if tta_mode not in TTA:
             raise InputError(f"tta: expected none, flip or d4, got {tta_mode!r}")
         self.device = resolve_device(device)
-        self.models = [m.to(self.device).eval() for m in models]
+        self.models = [place(m, self.device).eval() for m in models]
         self.channels, self.tile, self.paths = channels, tile, [str(p) for p in paths]
         n = len(self.models)
         self.weights = np.asarray(weights if weights is not None else [1.0] * n, np.float64)

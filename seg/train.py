@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from core.device import place, resolve_device
 from core.metrics import competition_score, dice_iou
 from core.modelfile import load_model_file, save_model_file
 from core.workers import STALL_SECONDS, WorkerError, limit_threads
@@ -41,14 +42,6 @@ from .losses import SegmentationLoss
 from .models import model_from_config
 
 METRIC_MODE = {"score": max, "dice": max, "iou": max, "loss": min}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"train.device: {name!r} asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 save_checkpoint = save_model_file
@@ -220,7 +213,7 @@ class Trainer:
                 warn(f"{self.pool.root}: no synthetic defect could be drawn for the model's feature selection; "
                      "it keeps its default features")
             self.model.fit_normal(normal, held, pairs)
-        self.model = self.model.to(self.device)
+        self.model = place(self.model, self.device)
         # a head whose loss weight is 0 gets no gradient: DDP must be told, or it waits for it forever
         unused = t["image_loss_weight"] == 0 or t["deep_loss_weight"] == 0
         self.net = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=unused)
