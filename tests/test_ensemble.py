@@ -98,6 +98,29 @@ def test_d4_tta_on_an_equivariant_model_changes_nothing():
     assert np.array_equal(plain["hits"], d4["hits"]) and 0 < plain["hits"].mean() < 1
 
 
+def test_models_run_channels_last_and_give_the_maps_of_the_default_layout():
+    """`place` (training and Ensemble) puts convolution weights in the channels-last layout, the fast one on CPU;
+    the maps stay those of the default layout, and a state dict saved from it loads into a plain model."""
+    from seg.models import create_model
+
+    torch.manual_seed(0)
+    plain = create_model("unet", "resnet18", weights="none", in_channels=1).eval()
+    placed = create_model("unet", "resnet18", weights="none", in_channels=1).eval()
+    placed.load_state_dict(plain.state_dict())
+    ens = Ensemble([placed], 1, 128, "cpu", tta_mode="none")
+    conv = next(m for m in placed.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.from_numpy(textured(1)[:128, :128]).float().div(255)[None, None]
+    with torch.no_grad():
+        ref = plain(x)["mask"][:, 0]
+    got, _ = ens.raw_forward(x)[0]
+    assert torch.allclose(got, ref, atol=1e-4) and ref.std() > 0
+    again = create_model("unet", "resnet18", weights="none", in_channels=1).eval()
+    again.load_state_dict(placed.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x)["mask"], plain(x)["mask"])
+
+
 def test_k_of_n_voting():
     img = np.zeros((128, 128), np.uint8)
     img[:, :64] = 255  # models see 1.0 on the left half and 0.0 on the right
