@@ -213,9 +213,13 @@ def seg_train(
     synth_dir: Optional[Path] = typer.Option(None, help="Train on a `synth generate` folder instead of on the fly."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
     calibrate: bool = typer.Option(True, help="Calibrate best.pt on held-out OK images at the end."),
+    seeds: int = typer.Option(1, min=1, help="Train this many models, with seeds train.seed, +1, ..., each in "
+                              "<out>/seed<S>/ (several seeds in one hybrid: see README)."),
 ):
     """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
     calibrate best.pt's thresholds on the held-out OK images."""
+    import copy
+
     from seg.train import train
 
     with user_errors():
@@ -223,12 +227,23 @@ def seg_train(
         for key, value in (("out", out), ("epochs", epochs), ("val_dir", val_dir), ("synth_dir", synth_dir)):
             if value is not None:
                 cfg["train"][key] = str(value) if isinstance(value, Path) else value
-        summary = train(cfg, resume=resume, log=lambda m: console.print(m, highlight=False),
-                        progress=Bar, warn=warn)
-        console.print(f"best {cfg['train']['metric']} {summary['best']:.4f} at epoch {summary['best_epoch']}; "
-                      f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
-        if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
-            calibrate_file(Path(summary["out"]) / "best.pt")
+        base, first = Path(cfg["train"]["out"]), cfg["train"]["seed"]
+        runs = [cfg] if seeds == 1 else [copy.deepcopy(cfg) for _ in range(seeds)]
+        for k, c in enumerate(runs if seeds > 1 else []):  # one model a seed, each a run folder of its own
+            c["train"].update(seed=first + k, out=str(base / f"seed{first + k}"))
+        for c in runs:
+            if seeds > 1:
+                console.print(f"seed {c['train']['seed']} -> {c['train']['out']}")
+            summary = train(c, resume=resume, log=lambda m: console.print(m, highlight=False),
+                            progress=Bar, warn=warn)
+            console.print(f"best {c['train']['metric']} {summary['best']:.4f} at epoch {summary['best_epoch']}; "
+                          f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
+            if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
+                calibrate_file(Path(summary["out"]) / "best.pt")
+        if seeds > 1:
+            files = " ".join(f"-m {c['train']['out']}/best.pt" for c in runs)
+            console.print(f"{seeds} models; as one hybrid with PatchCore: ensemble calibrate {files} "
+                          "-m PATCHCORE.pt --tta flip -o hybrid.json")
 
 
 def calibrate_file(path: Path) -> None:

@@ -266,3 +266,15 @@ def test_data_workers_start_clean_and_give_the_same_training(ok_dir, tmp_path):
         train(c, log=lambda m: None)
         runs[workers] = load_model_file(tmp_path / f"w{workers}" / "last.pt")["model"]
     assert all(torch.equal(v, runs[2][k]) for k, v in runs[0].items())
+
+
+def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_dir, tmp_path):
+    args = ["seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.epochs=1", "-s", "train.seed=3",
+            "--seeds", "2", "-o", tmp_path / "run"]
+    run_ok(cli(*args))
+    files = [load_model_file(tmp_path / "run" / f"seed{s}" / "best.pt") for s in (3, 4)]
+    assert [f["config"]["train"]["seed"] for f in files] == [3, 4]
+    assert all(f["calibration"] is not None for f in files)
+    assert not (tmp_path / "run" / "best.pt").exists()
+    a, b = (f["model"] for f in files)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # other seeds, other weights
