@@ -2,7 +2,8 @@
 
 Every model goes onto its device through `place`, in training (`seg train`) and in prediction (`Ensemble`, which
 `ensemble calibrate`, `predict` and `bench` use): its 4-D weights in the channels-last layout, which oneDNN's CPU
-convolutions (and cuDNN's under AMP) run faster than the default one. Measured on the dev machine's 2 cores
+convolutions run faster than the default one (on CUDA, PyTorch's documentation recommends it under AMP; not
+measured here). Measured on the dev machine's 2 cores
 (2026-11-22, 32 crops of 128 px): the evidence UNet's forward pass 845 -> 565 ms, a training step of 16 crops
 680 -> 495 ms; the maps move by about 1e-5 (other kernels, other rounding). The layout is not stored: a model file
 holds plain tensors, and `place` sets it again on loading.
