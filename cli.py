@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from contextlib import contextmanager
@@ -218,8 +219,6 @@ def seg_train(
 ):
     """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
     calibrate best.pt's thresholds on the held-out OK images."""
-    import copy
-
     from seg.train import train
 
     with user_errors():
@@ -228,9 +227,11 @@ def seg_train(
             if value is not None:
                 cfg["train"][key] = str(value) if isinstance(value, Path) else value
         base, first = Path(cfg["train"]["out"]), cfg["train"]["seed"]
-        runs = [cfg] if seeds == 1 else [copy.deepcopy(cfg) for _ in range(seeds)]
-        for k, c in enumerate(runs if seeds > 1 else []):  # one model a seed, each a run folder of its own
-            c["train"].update(seed=first + k, out=str(base / f"seed{first + k}"))
+        runs = [cfg]
+        if seeds > 1:  # one model a seed, each a run folder of its own
+            runs = [copy.deepcopy(cfg) for _ in range(seeds)]
+            for k, c in enumerate(runs):
+                c["train"].update(seed=first + k, out=str(base / f"seed{first + k}"))
         for c in runs:
             if seeds > 1:
                 console.print(f"seed {c['train']['seed']} -> {c['train']['out']}")

@@ -74,12 +74,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--names: {len(names)} names for {len(benches)} --bench folders")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "seeds.log", "a")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
 
     results: dict[str, dict] = {}
     for label, data, part in parse_sets(a.sets, None, 1, a.data_root):
