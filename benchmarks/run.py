@@ -203,6 +203,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="small training budget (every set in under 20 minutes)")
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
+    ap.add_argument("--epochs", type=int, default=None, help="the segmenters' epochs (default: the budget's, 12 full)")
     ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
                     help="config override for the segmenters' training, e.g. -s synth.min_visibility=0 (repeatable)")
     ap.add_argument("--lofo", action="store_true",
@@ -214,7 +215,9 @@ def main(argv=None) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad[0]!r} (known: {', '.join(METHODS)})")
-    b = QUICK if a.quick else FULL
+    b = dict(QUICK if a.quick else FULL)
+    if a.epochs is not None:
+        b["epochs"] = a.epochs
     out = Path(a.out).resolve()
 
     def log(m):
@@ -227,6 +230,7 @@ def main(argv=None) -> dict:
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
         return {"date": datetime.date.today().isoformat(), "machine": machine, "mode": "quick" if a.quick else "full",
+                "epochs": b["epochs"],
                 "hybrid_tta": a.hybrid_tta, "overrides": a.overrides,
                 "sets": list(done), "minutes": (time.perf_counter() - start) / 60}
 
@@ -258,7 +262,8 @@ def _f(v, nd=3):
 
 def results_markdown(meta: dict, per_set: dict) -> str:
     cols = COLUMNS[:7] + [("oracle_score", "oracle score"), ("calibration_loss", "calib. loss")]
-    lines = [f"Benchmark ({meta['mode']}), {meta['date']}, {meta['machine']}; {meta['minutes']:.0f} minutes. "
+    mode = meta["mode"] + (f", {meta['epochs']} epochs" if "epochs" in meta else "")
+    lines = [f"Benchmark ({mode}), {meta['date']}, {meta['machine']}; {meta['minutes']:.0f} minutes. "
              "Thresholds calibrated on held-out OK images only; the oracle chooses them on the test crops "
              "(reporting only)." + (f" Segmenters trained with {' '.join(meta['overrides'])}."
                                     if meta.get("overrides") else ""), ""]
