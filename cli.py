@@ -214,26 +214,43 @@ def seg_train(
     synth_dir: Optional[Path] = typer.Option(None, help="Train on a `synth generate` folder instead of on the fly."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
     calibrate: bool = typer.Option(True, help="Calibrate best.pt on held-out OK images at the end."),
-    seeds: int = typer.Option(1, min=1, help="Train this many models, with seeds train.seed, +1, ..., each in "
-                              "<out>/seed<S>/ (several seeds in one hybrid: see README)."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Overrides train.seeds: train this many models, with "
+                                        "seeds train.seed, +1, ..., each in <out>/seed<S>/ (one ensemble)."),
 ):
     """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
     calibrate best.pt's thresholds on the held-out OK images."""
+    from core.io import write_json
+    from core.modelfile import SEEDS_FILE, run_seeds
     from seg.train import train
 
     with user_errors():
         cfg = load(config, set_, part, data)
-        for key, value in (("out", out), ("epochs", epochs), ("val_dir", val_dir), ("synth_dir", synth_dir)):
+        for key, value in (("out", out), ("epochs", epochs), ("val_dir", val_dir), ("synth_dir", synth_dir),
+                           ("seeds", seeds)):
             if value is not None:
                 cfg["train"][key] = str(value) if isinstance(value, Path) else value
-        base, first = Path(cfg["train"]["out"]), cfg["train"]["seed"]
+        base, first, seeds = Path(cfg["train"]["out"]), cfg["train"]["seed"], cfg["train"]["seeds"]
+        found = run_seeds(base)  # the run already in --out, if it is one of several seeds
+        if resume and found is not None:  # the run in --out decides its seeds, not today's config
+            order = found
+        elif resume and (base / "last.pt").exists():
+            order = [first]
+        else:
+            order = list(range(first, first + seeds))
         runs = [cfg]
-        if seeds > 1:  # one model a seed, each a run folder of its own
-            runs = [copy.deepcopy(cfg) for _ in range(seeds)]
-            for k, c in enumerate(runs):
-                c["train"].update(seed=first + k, out=str(base / f"seed{first + k}"))
+        if len(order) > 1:  # one model a seed, each a run folder of its own; seeds.json lists them
+            runs = [copy.deepcopy(cfg) for _ in order]
+            for s, c in zip(order, runs):
+                c["train"].update(seed=s, seeds=1, out=str(base / f"seed{s}"))
+            if found != order:
+                write_json(base / SEEDS_FILE, {"seeds": order})
+        elif found is not None:  # a run of one model replaces the folder's run of several seeds
+            (base / SEEDS_FILE).unlink(missing_ok=True)
+        if resume and order != list(range(first, first + seeds)):
+            console.print(f"resuming the run in {base}: " + (f"seeds {order}" if len(order) > 1 else "one model"),
+                          highlight=False)
         for c in runs:
-            if seeds > 1:
+            if len(runs) > 1:
                 console.print(f"seed {c['train']['seed']} -> {c['train']['out']}")
             summary = train(c, resume=resume, log=lambda m: console.print(m, highlight=False),
                             progress=Bar, warn=warn)
@@ -241,9 +258,8 @@ def seg_train(
                           f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
             if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
                 calibrate_file(Path(summary["out"]) / "best.pt")
-        if seeds > 1:
-            files = " ".join(f"-m {c['train']['out']}/best.pt" for c in runs)
-            console.print(f"{seeds} models; as one hybrid with PatchCore: ensemble calibrate {files} "
+        if len(runs) > 1:
+            console.print(f"{len(runs)} models in {base}; as one hybrid with PatchCore: ensemble calibrate -m {base} "
                           "-m PATCHCORE.pt --tta flip -o hybrid.json")
 
 
@@ -278,7 +294,8 @@ def seg_convert(
 
 
 # --------------------------------------------------------------------------------------------- ensemble
-CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A `seg train` checkpoint (repeatable: an ensemble).")
+CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A model file, or a `seg train` run folder (its best.pt, or "
+                       "every seed's); repeatable: an ensemble.")
 EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `ensemble calibrate`.")
 
 
@@ -294,7 +311,7 @@ def onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overri
     """An exported ONNX file as the ensemble: its metadata holds the thresholds; TTA and models are fixed inside."""
     from ensemble.export import OnnxEnsemble
 
-    if ensemble_file or not checkpoint or len(checkpoint) != 1:
+    if ensemble_file or not checkpoint or len(checkpoint) != 1 or Path(checkpoint[0]).is_dir():
         raise InputError("--backend onnx: give the one exported file with -m FILE.onnx (`seg export` writes it)")
     fixed = {"--tta": tta, "--merge": merge, "--vote-k": vote_k, "--weight": weights}
     given = [k for k, v in fixed.items() if v]

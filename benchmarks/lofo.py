@@ -66,6 +66,7 @@ def score_on(run, model: Path, images: Path, pred: Path, log) -> dict:
 def run_lofo(sets, out: Path, b: dict, reuse: bool, log, config: str) -> dict:
     """{part: {segmenter: {variant: {"real": metrics, "synthetic": {group: metrics}}}}}; variant "all" or a group."""
     methods = tuple(m for _, m, _ in SEGMENTERS)
+    b = {**b, "seeds": 1}  # one model per variant: what withholding a family does to it, not to an ensemble
     results: dict = {}
     for label, data, part in sets:
         base = out / label
@@ -75,7 +76,7 @@ def run_lofo(sets, out: Path, b: dict, reuse: bool, log, config: str) -> dict:
             real = bench.run_set(label, data, part, base / variant, b, methods, reuse, log,
                                  overrides=tuple(withheld(variant)) if variant != "all" else ())
             for name, method, folder in SEGMENTERS:
-                model = base / variant / folder / "best.pt"
+                model = base / variant / folder  # its best.pt, or every seed's (-m FOLDER)
                 groups = GROUPS if variant == "all" else (variant,)
                 per[name][variant] = {"real": real[name], "synthetic": {
                     g: score_on(bench.run, model, synth[g], base / variant / "pred_synth" / f"{method}_{g}", log)

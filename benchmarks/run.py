@@ -33,11 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.metrics import precision_recall  # noqa: E402
+from core.modelfile import model_paths  # noqa: E402
 from ensemble.evaluate import COLUMNS, load_ground_truth, score_folder  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image, read_json_file, write_json  # noqa: E402
 
-QUICK = {"epochs": 4, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
-FULL = {"epochs": 12, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
+# the quick budget trains one seed; the full one trains what the config says (epochs None: the config's)
+QUICK = {"epochs": 4, "seeds": 1, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
+FULL = {"epochs": None, "seeds": None, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
 METHODS = ("unet", "evidence", "simplenet", "realnet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
@@ -137,10 +139,12 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         write_json(steps_file, steps)
 
     files = {}
+    budget = [*(["--epochs", str(b["epochs"])] if b["epochs"] else []),
+              *(["--seeds", str(b["seeds"])] if b["seeds"] else [])]
     for arch, method, folder in SEGMENTERS:
         if method in methods or f"hybrid{'' if method == 'unet' else '_' + method}" in methods:
-            files[method] = out / folder / "best.pt"
-            step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), "--epochs", str(b["epochs"]),
+            files[method] = out / folder  # the run folder: its best.pt, or every seed's (core.modelfile.model_paths)
+            step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), *budget,
                                      "-s", f"model.arch={arch}", "-s", f"train.steps_per_epoch={b['steps']}",
                                      "-s", "train.seed=0", "-s", f"train.val_n={b['val_n']}",
                                      *[x for o in overrides for x in ("-s", o)]], files[method])
@@ -165,8 +169,10 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             continue
         slug = method
         ck = [x for m in parts for x in ("-m", str(files[m]))]
-        if len(parts) > 1:  # an ensemble: calibrated as a whole (its own normalisers and operating point)
-            run(["ensemble", "calibrate", *ck, "--tta", hybrid_tta, "-o", str(out / f"{slug}.json")], log)
+        if len(model_paths([files[m] for m in parts])) > 1:  # an ensemble (a hybrid, or a segmenter's seeds):
+            # calibrated as a whole (its own normalisers and operating point)
+            tta = ["--tta", hybrid_tta] if len(parts) > 1 else []  # a segmenter's seeds: its config's TTA
+            run(["ensemble", "calibrate", *ck, *tta, "-o", str(out / f"{slug}.json")], log)
             source = ["-e", str(out / f"{slug}.json")]
         else:  # a single model file: the operating point it stores (the README path)
             source = ck
@@ -203,7 +209,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="small training budget (every set in under 20 minutes)")
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
-    ap.add_argument("--epochs", type=int, default=None, help="the segmenters' epochs (default: the budget's, 12 full)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="the segmenters' epochs (default: the config's; 4 with --quick)")
     ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
                     help="config override for the segmenters' training, e.g. -s synth.min_visibility=0 (repeatable)")
     ap.add_argument("--lofo", action="store_true",
@@ -230,7 +237,7 @@ def main(argv=None) -> dict:
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")
         return {"date": datetime.date.today().isoformat(), "machine": machine, "mode": "quick" if a.quick else "full",
-                "epochs": b["epochs"],
+                "epochs": b["epochs"], "seeds": b["seeds"],
                 "hybrid_tta": a.hybrid_tta, "overrides": a.overrides,
                 "sets": list(done), "minutes": (time.perf_counter() - start) / 60}
 
@@ -262,7 +269,7 @@ def _f(v, nd=3):
 
 def results_markdown(meta: dict, per_set: dict) -> str:
     cols = COLUMNS[:7] + [("oracle_score", "oracle score"), ("calibration_loss", "calib. loss")]
-    mode = meta["mode"] + (f", {meta['epochs']} epochs" if "epochs" in meta else "")
+    mode = meta["mode"] + (f", {meta['epochs']} epochs" if meta.get("epochs") else "")
     lines = [f"Benchmark ({mode}), {meta['date']}, {meta['machine']}; {meta['minutes']:.0f} minutes. "
              "Thresholds calibrated on held-out OK images only; the oracle chooses them on the test crops "
              "(reporting only)." + (f" Segmenters trained with {' '.join(meta['overrides'])}."

@@ -26,9 +26,10 @@ import numpy as np  # noqa: E402
 
 from benchmarks.run import DEV_SETS, parse_sets, run  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, write_json  # noqa: E402
+from core.modelfile import model_paths  # noqa: E402
 from ensemble.evaluate import load_ground_truth, score_folder  # noqa: E402
 
-SEGMENTER = "evidence_s0/best.pt"  # where run.py keeps its evidence UNet (whatever train.seed it was given)
+SEGMENTER = "evidence_s0"  # run.py's evidence UNet run folder (whatever train.seed it was given): its model files
 KEYS = ("score", "pixel_ap", "pixel_auroc", "calibration_loss")
 
 
@@ -83,9 +84,13 @@ def main(argv=None) -> dict:
         images = competition_dir(data, part, "TC_Images")
         truth = load_ground_truth(images)
         seg = {n: b / label / SEGMENTER for n, b in zip(names, benches)}
-        missing = [str(p) for p in [*seg.values(), benches[0] / label / "patchcore.pt"] if not p.is_file()]
+        missing = [str(p) for p in [*seg.values(), benches[0] / label / "patchcore.pt"] if not p.exists()]
         if missing:
             raise SystemExit(f"{label}: missing {', '.join(missing)} (run benchmarks/run.py first)")
+        several = [str(p) for p in seg.values() if len(model_paths([p])) != 1]
+        if several:
+            raise SystemExit(f"{several[0]}: a run of several seeds; seeds.py combines run.py outputs of one seed "
+                             "each (run.py -s train.seeds=1 -s train.seed=S)")
         results[label] = {}
         for k in range(1, len(names) + 1):
             for combo in itertools.combinations(names, k):

@@ -21,23 +21,24 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from core.metrics import competition_score  # noqa: E402
-from core.modelfile import load_model_file  # noqa: E402
+from core.modelfile import load_model_file, model_paths  # noqa: E402
 from core.postprocess import final_mask  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image  # noqa: E402
 from ensemble.calibrate import calibration_pools, fit_norms, normal_crops, operating_point, synthetic_defects  # noqa
 from ensemble.evaluate import load_ground_truth  # noqa: E402
 from ensemble.models import Ensemble  # noqa: E402
 
-MODELS = {"UNet": ["unet_s0/best.pt"], "Evidence UNet": ["evidence_s0/best.pt"], "PatchCore": ["patchcore.pt"],
-          "Hybrid UNet + PatchCore": ["unet_s0/best.pt", "patchcore.pt"],
-          "Hybrid Evidence UNet + PatchCore": ["evidence_s0/best.pt", "patchcore.pt"]}
+MODELS = {"UNet": ["unet_s0"], "Evidence UNet": ["evidence_s0"], "PatchCore": ["patchcore.pt"],  # run folders: their
+          "Hybrid UNet + PatchCore": ["unet_s0", "patchcore.pt"],                         # best.pt or every seed's
+          "Hybrid Evidence UNet + PatchCore": ["evidence_s0", "patchcore.pt"]}
 
 
 def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: str = "flip",
           balances: tuple = (False, True)) -> dict[bool, list[float]]:
-    paths = [str(part_dir / f) for f in files]
+    paths = model_paths([part_dir / f for f in files])
     cfg = load_model_file(paths[0])["config"]
-    tta = load_model_file(paths[0]).get("calibration", {}).get("tta", "none") if len(paths) == 1 else hybrid_tta
+    own = load_model_file(paths[0]).get("calibration") or {}  # one model, or one segmenter's seeds: its own TTA
+    tta = own.get("tta", "none") if len(files) == 1 else hybrid_tta
     ens = Ensemble.from_checkpoints(paths, "auto", tta_mode=tta, norms=[None] * len(paths))
     c = cfg["calibrate"]
     pool, _ = calibration_pools(cfg)

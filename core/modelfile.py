@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core import __version__
-from core.io import InputError, atomic_write_bytes
+from core.io import InputError, atomic_write_bytes, read_json_file
 
 
 def plain(obj):
@@ -70,6 +70,47 @@ def load_model_file(path: str | Path, map_location="cpu") -> dict:
     if missing:
         raise InputError(f"{path}: incomplete model file (no {', '.join(missing)})")
     return ckpt
+
+
+SEEDS_FILE = "seeds.json"  # in a `seg train` run folder of several seeds: {"seeds": [0, 1]}, each in seed<S>/
+
+
+def run_seeds(folder: str | Path) -> list[int] | None:
+    """The seeds of the run of several seeds in `folder` (its seeds.json, written when the training started), or
+    None where the folder's run is one model (its best.pt and last.pt sit in the folder itself)."""
+    f = Path(folder) / SEEDS_FILE
+    if not f.is_file():
+        return None
+    data = read_json_file(f)
+    seeds = data.get("seeds") if isinstance(data, dict) else None
+    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise InputError(f'{f}: not a seeds file of `seg train` (expected {{"seeds": [0, 1]}})')
+    return seeds
+
+
+def model_paths(paths) -> list[str]:
+    """Model files from the command line: a file stays itself; a `seg train` run folder stands for its best.pt,
+    or, for a run of several seeds (seeds.json), for every seed's `seed<S>/best.pt`, in the order trained."""
+    out: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_dir():
+            out.append(str(p))
+            continue
+        seeds = run_seeds(p)
+        if seeds is None:
+            if not (p / "best.pt").is_file():
+                raise InputError(f"{p}: a folder with no best.pt and no {SEEDS_FILE} in it; give a model file or a "
+                                 "`seg train` run folder")
+            out.append(str(p / "best.pt"))
+            continue
+        files = [p / f"seed{x}" / "best.pt" for x in seeds]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{missing[0]}: not there yet, the run of seeds {seeds} in {p} is unfinished; "
+                             f"`seg train --resume -o {p}` completes it")
+        out.extend(str(f) for f in files)
+    return out
 
 
 def set_calibration(path: str | Path, calibration: dict) -> None:

@@ -19,7 +19,7 @@ import torch
 import ttach as tta
 
 from core.device import place, resolve_device
-from core.modelfile import load_model_file
+from core.modelfile import load_model_file, model_paths, run_seeds
 from seg.models import model_from_config
 from core.io import InputError
 
@@ -313,10 +313,14 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     if spec and "norms" not in spec:
         raise InputError(f"{ensemble_file}: written by an older version (thresholds on a probability scale); "
                          "re-run `ensemble calibrate` to make it")
-    paths = list(checkpoint or spec.get("checkpoints") or [])
+    seeded = [c for c in checkpoint or [] if run_seeds(c) is not None]
+    if seeded and not spec and not calibrating:
+        raise InputError(f"{seeded[0]}: a run of several seeds, one ensemble: calibrate it as one first "
+                         f"(ensemble calibrate -m {seeded[0]} -o ensemble.json), then predict with -e ensemble.json")
+    paths = model_paths(checkpoint) if checkpoint else list(spec.get("checkpoints") or [])
     if not paths:
         raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
-    if spec and checkpoint and [str(x) for x in checkpoint] != [str(x) for x in spec["checkpoints"]]:
+    if spec and checkpoint and paths != [str(x) for x in spec["checkpoints"]]:
         raise InputError(f"{ensemble_file} was calibrated for {spec['checkpoints']}; give no --checkpoint with it, "
                          "or calibrate the new set with `ensemble calibrate`")
     first = load_model_file(paths[0])

@@ -32,7 +32,7 @@ DEFAULTS: dict = {
         "augment": {"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.3, "noise": 0.2, "blur": 0.1,
                     "shift": 0.2},
         "val_n": 192, "val_seed": 12345, "val_dir": None, "metric": "score", "early_stopping": 0,
-        "workers": 0, "seed": 0, "device": "auto", "amp": True, "out": "runs/part1", "synth_dir": None,
+        "workers": 0, "seed": 0, "seeds": 1, "device": "auto", "amp": True, "out": "runs/part1", "synth_dir": None,
     },
     "baseline": {
         "backbone": "tf_efficientnet_lite0", "weights": "lite", "n_train": 300, "n_val": 100, "seed": 0,
@@ -62,7 +62,7 @@ CHOICES = {
 
 
 # value constraints, checked up front with the key named (before any work or progress bar starts)
-POSITIVE = ("train.epochs", "train.steps_per_epoch", "train.batch_size", "train.lr", "train.val_n",
+POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch_size", "train.lr", "train.val_n",
             "predict.batch_size", "calibrate.normal_crops", "calibrate.synth_n", "model.normal_crops",
             "baseline.n_train", "baseline.n_val", "baseline.padim_dims", "baseline.ae_steps", "baseline.ae_batch",
             "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import torch
 from conftest import ROOT, textured
 
 from baseline.fit import fit_baseline
-from core.modelfile import load_model_file, save_model_file
+from core.modelfile import load_model_file, model_paths, save_model_file
 from ensemble import predict as predict_mod
 from ensemble.calibrate import calibrate_model_file, calibration_pools, calibration_sheet
 from seg.config import load_config
@@ -67,6 +68,30 @@ def test_a_crafted_model_file_never_runs_its_code(tmp_path):
     save_model_file(tmp_path / "partial.pt", {"method": "patchcore", "config": {"model": {}}, "init": {}})
     with pytest.raises(InputError, match=r"partial.pt: incomplete model file \(no state\)"):
         load_model_file(tmp_path / "partial.pt")
+
+
+def test_a_run_folder_stands_for_its_best_pt_or_every_seeds_its_seeds_file_lists(tmp_path):
+    from core.io import write_json
+
+    single, seeds, replaced, empty, unfinished, bad = (tmp_path / n for n in
+                                                       ("single", "seeds", "replaced", "empty", "unfinished", "bad"))
+    for f in (single / "best.pt", *(seeds / f"seed{s}" / "best.pt" for s in (10, 2, 7)), replaced / "best.pt",
+              replaced / "seed0" / "best.pt", unfinished / "seed0" / "best.pt"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    write_json(seeds / "seeds.json", {"seeds": [10, 2]})  # seed7: left from another run, not this one's
+    write_json(unfinished / "seeds.json", {"seeds": [0, 1]})
+    write_json(bad / "seeds.json", {"seeds": "0,1"})
+    empty.mkdir()
+    other = tmp_path / "patchcore.pt"
+    assert model_paths([single, other]) == [str(single / "best.pt"), str(other)]  # a file stays itself
+    assert model_paths([seeds]) == [str(seeds / "seed10" / "best.pt"), str(seeds / "seed2" / "best.pt")]
+    assert model_paths([replaced]) == [str(replaced / "best.pt")]  # no seeds.json: the run of one model
+    for folder, said in ((empty, f"{empty}: a folder with no best.pt"),
+                         (unfinished, f"{unfinished / 'seed1' / 'best.pt'}: not there yet"),
+                         (bad, f"{bad / 'seeds.json'}: not a seeds file")):
+        with pytest.raises(InputError, match=re.escape(said)):
+            model_paths([folder])
 
 
 def test_held_out_split_is_disjoint_reproducible_and_never_trained_on(ok_dir):

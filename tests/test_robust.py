@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_patchcore_args, write_ok_images, write_test_crops
 
-from core.io import InputError, read_image, read_jsonl, write_json
+from core.io import InputError, read_image, read_json_file, read_jsonl, write_json
 from core.modelfile import load_model_file
 from core.workers import WorkerError, ordered_map, start_method
 from seg.config import load_config
@@ -268,13 +268,44 @@ def test_data_workers_start_clean_and_give_the_same_training(ok_dir, tmp_path):
     assert all(torch.equal(v, runs[2][k]) for k, v in runs[0].items())
 
 
+def test_resume_follows_the_run_in_out_not_the_seed_count_of_todays_config(ok_dir, tmp_path):
+    """A run of one model resumed under a two-seed config (or the reverse) continues that run, not a fresh one in
+    other folders: here each run's last.pt is unreadable, so the error names the file that resume went for."""
+    cases = ((["last.pt"], None, "2", "last.pt"), (["seed5/last.pt", "seed6/last.pt"], [5, 6], "1", "seed5/last.pt"))
+    for k, (files, listed, seeds, went_for) in enumerate(cases):
+        out = tmp_path / f"run{k}"
+        for f in files:
+            (out / f).parent.mkdir(parents=True, exist_ok=True)
+            (out / f).write_bytes(b"kept")
+        if listed:
+            write_json(out / "seeds.json", {"seeds": listed})
+        r = subprocess.run(cli("seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "--resume", "--seeds", seeds,
+                               "-o", out), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and f"{out / went_for}: not a readable model file" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt")) \
+            == sorted(files) and all((out / f).read_bytes() == b"kept" for f in files)
+
+
 def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_dir, tmp_path):
+    """By the config key (train.seeds, which configs/*.yaml set and --seeds overrides); the run folder then
+    stands for its seeds' files (`-m FOLDER`): calibrated as one ensemble, never predicted uncalibrated."""
+    from core.modelfile import model_paths
+
     args = ["seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.epochs=1", "-s", "train.seed=3",
-            "--seeds", "2", "-o", tmp_path / "run"]
+            "-s", "train.seeds=2", "-o", tmp_path / "run"]
     run_ok(cli(*args))
     files = [load_model_file(tmp_path / "run" / f"seed{s}" / "best.pt") for s in (3, 4)]
     assert [f["config"]["train"]["seed"] for f in files] == [3, 4]
+    assert [f["config"]["train"]["seeds"] for f in files] == [1, 1]  # each file: one model of one seed
+    assert model_paths([tmp_path / "run"]) == [str(tmp_path / "run" / f"seed{s}" / "best.pt") for s in (3, 4)]
     assert all(f["calibration"] is not None for f in files)
     assert not (tmp_path / "run" / "best.pt").exists()
     a, b = (f["model"] for f in files)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # other seeds, other weights
+    run = tmp_path / "run"
+    r = subprocess.run(cli("ensemble", "predict", "-m", run, "--images", ok_dir, "-o", tmp_path / "pred"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"{run}: a run of several seeds, one ensemble: calibrate it" in r.stderr
+    assert not (tmp_path / "pred").exists()
+    run_ok(cli("ensemble", "calibrate", "-m", run, "-o", tmp_path / "ens.json"))
+    assert read_json_file(tmp_path / "ens.json")["checkpoints"] == model_paths([run])
