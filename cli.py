@@ -231,12 +231,13 @@ def seg_train(
                 cfg["train"][key] = str(value) if isinstance(value, Path) else value
         base, first, seeds = Path(cfg["train"]["out"]), cfg["train"]["seed"], cfg["train"]["seeds"]
         found = run_seeds(base)  # the run already in --out, if it is one of several seeds
+        planned = list(range(first, first + seeds))
         if resume and found is not None:  # the run in --out decides its seeds, not today's config
             order = found
         elif resume and (base / "last.pt").exists():
             order = [first]
         else:
-            order = list(range(first, first + seeds))
+            order = planned
         runs = [cfg]
         if len(order) > 1:  # one model a seed, each a run folder of its own; seeds.json lists them
             runs = [copy.deepcopy(cfg) for _ in order]
@@ -246,7 +247,7 @@ def seg_train(
                 write_json(base / SEEDS_FILE, {"seeds": order})
         elif found is not None:  # a run of one model replaces the folder's run of several seeds
             (base / SEEDS_FILE).unlink(missing_ok=True)
-        if resume and order != list(range(first, first + seeds)):
+        if resume and order != planned:
             console.print(f"resuming the run in {base}: " + (f"seeds {order}" if len(order) > 1 else "one model"),
                           highlight=False)
         for c in runs:

@@ -1,7 +1,7 @@
 """Predict speed of PyTorch against onnxruntime on the same crops, in the same run, for a model file or a calibrated
 ensemble (exported with its TTA by `seg export`'s code), and whether the two give the same masks.
 
-    python benchmarks/backends.py -m runs/p1/seg/seed0/best.pt --tta none --images path/to/TC_Images
+    python benchmarks/backends.py -m runs/p1/seg/best.pt --tta none --images path/to/TC_Images
     python benchmarks/backends.py -e runs/p1/hybrid.json --images path/to/TC_Images
 """
 

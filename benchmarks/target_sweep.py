@@ -36,9 +36,9 @@ MODELS = {"UNet": ["unet_s0"], "Evidence UNet": ["evidence_s0"], "PatchCore": ["
 def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: str = "flip",
           balances: tuple = (False, True)) -> dict[bool, list[float]]:
     paths = model_paths([part_dir / f for f in files])
-    cfg = load_model_file(paths[0])["config"]
-    own = load_model_file(paths[0]).get("calibration") or {}  # one model, or one segmenter's seeds: its own TTA
-    tta = own.get("tta", "none") if len(files) == 1 else hybrid_tta
+    first = load_model_file(paths[0])
+    cfg, own = first["config"], first.get("calibration") or {}
+    tta = own.get("tta", "none") if len(files) == 1 else hybrid_tta  # one model, or one segmenter's seeds: its own
     ens = Ensemble.from_checkpoints(paths, "auto", tta_mode=tta, norms=[None] * len(paths))
     c = cfg["calibrate"]
     pool, _ = calibration_pools(cfg)
