@@ -9,7 +9,8 @@ PatchCore are calibrated as one hybrid from the part's held-out OK images (`ense
 test crops choose nothing), predicted and scored on the part's TC_Images, exactly as the default hybrid of
 `run.py`. Writes `seeds.json` (every subset, every part) and `seeds.md`: per subset size, the mean over the subsets
 of that size of the five-part mean score, pixel AP and pixel AUROC, with the spread (min - max) across subsets.
-`--reuse` keeps the predictions already in --out.
+`--sizes 1` builds only the single-seed hybrids (`--sizes 1,3`: singles and the three-seed one); `--reuse` keeps the
+predictions already in --out.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ def hybrid(members: list[Path], patchcore: Path, out: Path, images: Path, truth,
     return score_folder(pred, images, truth=truth).metrics
 
 
-def summary(results: dict, names: list[str]) -> list[str]:
+def summary(results: dict, names: list[str], sizes: list[int]) -> list[str]:
     """Markdown: per subset size, mean (min - max over the subsets) of the five-part means."""
     lines = ["| seeds in the hybrid | subsets | mean score | worst part (mean) | pixel AP | pixel AUROC | "
              "calibration loss |", "|---|---|---|---|---|---|---|"]
-    for k in range(1, len(names) + 1):
+    for k in sizes:
         subs = ["+".join(c) for c in itertools.combinations(names, k)]
         per = {key: [float(np.mean([results[p][s][key] for p in results])) for s in subs] for key in KEYS}
         worst = [min(results[p][s]["score"] for p in results) for s in subs]
@@ -67,12 +68,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--sets", default=DEV_SETS)
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
     ap.add_argument("--out", default="runs/seeds")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated subset sizes to build (default every size, 1 to the number of folders)")
     ap.add_argument("--reuse", action="store_true")
     a = ap.parse_args(argv)
     benches = [Path(b) for b in a.bench]
     names = a.names.split(",") if a.names else [f"s{i}" for i in range(len(benches))]
     if len(names) != len(benches):
         raise SystemExit(f"--names: {len(names)} names for {len(benches)} --bench folders")
+    try:
+        sizes = [int(k) for k in a.sizes.split(",")] if a.sizes else list(range(1, len(names) + 1))
+    except ValueError:
+        raise SystemExit(f"--sizes: expected comma-separated integers, got {a.sizes!r}") from None
+    if not sizes or any(not 1 <= k <= len(names) for k in sizes):
+        raise SystemExit(f"--sizes: every size must lie in 1..{len(names)}, got {a.sizes!r}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -92,7 +101,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{several[0]}: a run of several seeds; seeds.py combines run.py outputs of one seed "
                              "each (run.py -s train.seeds=1 -s train.seed=S)")
         results[label] = {}
-        for k in range(1, len(names) + 1):
+        for k in sizes:
             for combo in itertools.combinations(names, k):
                 key = "+".join(combo)
                 m = hybrid([seg[n] for n in combo], benches[0] / label / "patchcore.pt", out / label / key, images,
@@ -100,7 +109,7 @@ def main(argv=None) -> dict:
                 results[label][key] = {x: m[x] for x in (*KEYS, "escape", "overkill", "miou") if x in m}
                 log(f"{label} {key} + PatchCore: " + ", ".join(f"{x} {m[x]:.3f}" for x in KEYS))
         write_json(out / "seeds.json", {"bench": [str(b) for b in benches], "names": names, "results": results})
-    lines = summary(results, names)
+    lines = summary(results, names, sizes)
     atomic_write_bytes(out / "seeds.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return results
