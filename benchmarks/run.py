@@ -5,7 +5,8 @@
     python cli.py bench ...            (the same)
 
 Per part: trains the default segmenter (configs/default.yaml, the same for every set), fits PaDiM, PatchCore and
-the SSIM autoencoder, and builds the hybrid (UNet + PatchCore, mean of their standardised maps). Every model is
+the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
+SimpleNet or RealNet + PatchCore on request: `--methods realnet,hybrid_realnet`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
 `ensemble predict -m FILE`), ensembles `ensemble calibrate`. Each method is predicted and evaluated on the part's
@@ -41,7 +42,9 @@ from core.io import atomic_write_bytes, competition_dir, read_image, read_json_f
 QUICK = {"epochs": 4, "seeds": 1, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
 FULL = {"epochs": None, "seeds": None, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
-METHODS = ("unet", "evidence", "simplenet", "realnet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence")
+METHODS = ("unet", "evidence", "simplenet", "realnet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence",
+           "hybrid_simplenet", "hybrid_realnet")
+DEFAULT_METHODS = METHODS[:9]  # the hybrids of PatchCore with SimpleNet or RealNet: on request (--methods)
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
               ("simplenet", "simplenet", "simplenet_s0"),
               ("realnet", "realnet", "realnet_s0"))  # (arch, method, folder): trained by `seg train`
@@ -160,7 +163,9 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             "PaDiM": ("padim", ["padim"]),
             "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
             "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
-            "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"])}
+            "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"]),
+            "Hybrid SimpleNet + PatchCore": ("hybrid_simplenet", ["simplenet", "patchcore"]),
+            "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"])}
     truth = load_ground_truth(test_images)
     image_paths, stems, gt = truth
     results, curves, grids = {}, {}, {}
@@ -205,7 +210,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
     ap.add_argument("--data", default=None, help="one dataset in the competition layout (with --part)")
     ap.add_argument("--part", type=int, default=1)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="small training budget (every set in under 20 minutes)")
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
@@ -244,7 +249,7 @@ def main(argv=None) -> dict:
     if a.lofo:
         from benchmarks import lofo
 
-        if a.overrides or a.methods != ",".join(METHODS):
+        if a.overrides or a.methods != ",".join(DEFAULT_METHODS):
             raise SystemExit("--lofo: trains its own variants of the UNet and the evidence UNet; "
                              "--set and --methods do not apply")
 
