@@ -44,7 +44,8 @@ FULL = {"epochs": None, "seeds": None, "steps": 40, "val_n": 192, "n_train": 300
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
 METHODS = ("unet", "evidence", "simplenet", "realnet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence",
            "hybrid_simplenet", "hybrid_realnet")
-DEFAULT_METHODS = METHODS[:9]  # the hybrids of PatchCore with SimpleNet or RealNet: on request (--methods)
+ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet")  # PatchCore with SimpleNet or RealNet: only with --methods
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
               ("simplenet", "simplenet", "simplenet_s0"),
               ("realnet", "realnet", "realnet_s0"))  # (arch, method, folder): trained by `seg train`

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     if len(names) != len(benches):
         raise SystemExit(f"--names: {len(names)} names for {len(benches)} --bench folders")
     try:
-        sizes = [int(k) for k in a.sizes.split(",")] if a.sizes else list(range(1, len(names) + 1))
+        sizes = sorted({int(k) for k in a.sizes.split(",")}) if a.sizes else list(range(1, len(names) + 1))
     except ValueError:
         raise SystemExit(f"--sizes: expected comma-separated integers, got {a.sizes!r}") from None
     if not sizes or any(not 1 <= k <= len(names) for k in sizes):
