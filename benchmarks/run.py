@@ -42,8 +42,15 @@ from core.io import atomic_write_bytes, competition_dir, read_image, read_json_f
 QUICK = {"epochs": 4, "seeds": 1, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
 FULL = {"epochs": None, "seeds": None, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
-METHODS = ("unet", "evidence", "simplenet", "realnet", "padim", "patchcore", "ssim_ae", "hybrid", "hybrid_evidence",
-           "hybrid_simplenet", "hybrid_realnet")
+ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),  # table row: (method, its models)
+        "SimpleNet": ("simplenet", ["simplenet"]), "RealNet": ("realnet", ["realnet"]),
+        "PaDiM": ("padim", ["padim"]),
+        "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
+        "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
+        "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"]),
+        "Hybrid SimpleNet + PatchCore": ("hybrid_simplenet", ["simplenet", "patchcore"]),
+        "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"])}
+METHODS = tuple(method for method, _ in ROWS.values())
 ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet")  # PatchCore with SimpleNet or RealNet: only with --methods
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
@@ -143,34 +150,27 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         write_json(steps_file, steps)
 
     files = {}
+    wanted = {m for method, parts in ROWS.values() if method in methods for m in parts}  # models the rows need
     budget = [*(["--epochs", str(b["epochs"])] if b["epochs"] else []),
               *(["--seeds", str(b["seeds"])] if b["seeds"] else [])]
     for arch, method, folder in SEGMENTERS:
-        if method in methods or f"hybrid{'' if method == 'unet' else '_' + method}" in methods:
+        if method in wanted:
             files[method] = out / folder  # the run folder: its best.pt, or every seed's (core.modelfile.model_paths)
             step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), *budget,
                                      "-s", f"model.arch={arch}", "-s", f"train.steps_per_epoch={b['steps']}",
                                      "-s", "train.seed=0", "-s", f"train.val_n={b['val_n']}",
                                      *[x for o in overrides for x in ("-s", o)]], files[method])
     for method in ("padim", "patchcore", "ssim_ae"):
-        if method in methods or (method == "patchcore" and any(m.startswith("hybrid") for m in methods)):
+        if method in wanted:
             files[method] = out / f"{method}.pt"
             step(f"fit_{method}", ["baseline", "fit", "--method", method, *common, "-o", str(files[method]),
                                    "-s", f"baseline.n_train={b['n_train']}",
                                    "-s", f"baseline.ae_steps={b['ae_steps']}"],
                  files[method])
-    rows = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
-            "SimpleNet": ("simplenet", ["simplenet"]), "RealNet": ("realnet", ["realnet"]),
-            "PaDiM": ("padim", ["padim"]),
-            "PatchCore": ("patchcore", ["patchcore"]), "SSIM-AE": ("ssim_ae", ["ssim_ae"]),
-            "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
-            "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"]),
-            "Hybrid SimpleNet + PatchCore": ("hybrid_simplenet", ["simplenet", "patchcore"]),
-            "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"])}
     truth = load_ground_truth(test_images)
     image_paths, stems, gt = truth
     results, curves, grids = {}, {}, {}
-    for name, (method, parts) in rows.items():
+    for name, (method, parts) in ROWS.items():
         if method not in methods:
             continue
         slug = method
