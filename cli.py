@@ -413,12 +413,16 @@ def ensemble_calibrate(
                                            "when given, the score on them chooses the thresholds."),
     target_overkill: Optional[float] = typer.Option(None, help="Allowed false-alarm rate on held-out normal crops "
                                                     "(default: calibrate.target_overkill of the first model)."),
+    shape: Optional[bool] = typer.Option(None, "--shape/--no-shape", help="Trim each flagged mask to where every "
+                                         "model agrees, each at its own calibrated threshold (default: "
+                                         "calibrate.shape of the first model, on)."),
     data: Optional[Path] = DataOpt,
     device: str = typer.Option("auto"),
 ):
     """Choose the operating point from OK images: map scales and the image threshold from held-out normal crops,
     pixel threshold and min_area from synthetic defects on them (or everything from labelled real crops). The crops
-    that set it are drawn in <out>_calibration.png."""
+    that set it are drawn in <out>_calibration.png. An ensemble of calibrated model files decides with the merged
+    map and outlines where its models agree (--no-shape: the merged map's own outline)."""
     from core.modelfile import load_model_file
     from ensemble.calibrate import calibrate_from_config, sheet_path
     from ensemble.evaluate import has_ground_truth, load_ground_truth
@@ -429,6 +433,8 @@ def ensemble_calibrate(
         cfg = load_model_file(ens.paths[0])["config"]
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        if shape is not None:
+            cfg["calibrate"]["shape"] = shape
         labelled = None
         if val_dir is not None:
             if not has_ground_truth(val_dir):

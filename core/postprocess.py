@@ -52,8 +52,33 @@ def decide(mask: np.ndarray, amap: np.ndarray, image: float | None, image_thresh
     return bool(mask.any()) and evidence(mask, amap, image) >= image_threshold
 
 
+def agreement(per_model: np.ndarray | None, shape) -> np.ndarray | None:
+    """Where every model of an ensemble passes its own calibrated pixel threshold (`shape`: one per model, on the
+    ensemble's scale, see `ensemble.calibrate.member_thresholds`), as uint8 {0,1}; None without `shape`."""
+    if shape is None or per_model is None:
+        return None
+    thr = np.asarray(shape, np.float32).reshape(-1, 1, 1)
+    if len(thr) != len(per_model):
+        raise ValueError(f"shape: {len(thr)} thresholds for {len(per_model)} models")
+    return np.all(per_model >= thr, axis=0).astype(np.uint8)
+
+
+def shaped(mask: np.ndarray, gate: np.ndarray | None, min_area: int) -> np.ndarray:
+    """A flagged crop's mask cut to where every model agrees (`agreement`), components under `min_area` dropped;
+    the mask itself when nothing is left, so a defect only one model sees keeps the merged map's shape. The
+    merged map decides and finds; the agreement only trims the outline (a broad feature-distance blob around a
+    defect the segmenter outlines sharply)."""
+    if gate is None or not mask.any():
+        return mask
+    cut = remove_small(mask & gate, min_area)
+    return cut if cut.any() else mask
+
+
 def final_mask(amap: np.ndarray, image: float | None, p: dict, roi: np.ndarray | None = None,
-               hits: np.ndarray | None = None) -> np.ndarray:
-    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees)."""
+               hits: np.ndarray | None = None, gate: np.ndarray | None = None) -> np.ndarray:
+    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees); `gate`: an
+    ensemble's `agreement`, which shapes the mask of a flagged image (`shaped`) and never changes the decision."""
     mask = postprocess(amap, p["threshold"], p["min_area"], p["opening"], roi, hits)
-    return mask if decide(mask, amap, image, p["image_threshold"]) else np.zeros_like(mask)
+    if not decide(mask, amap, image, p["image_threshold"]):
+        return np.zeros_like(mask)
+    return shaped(mask, gate, p["min_area"])

@@ -26,7 +26,7 @@ import torch
 
 from core.io import write_png
 from core.modelfile import load_model_file, set_calibration
-from core.postprocess import decide, evidence, postprocess
+from core.postprocess import agreement, decide, evidence, postprocess, shaped
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -120,9 +120,12 @@ def _pool(maps: list[np.ndarray], masks: list[np.ndarray] | None, inside: bool, 
 class _Components:
     """One image's post-processed mask at a pixel threshold, before `min_area`: its connected components with
     their sizes, the peak of the map in each and (with ground truth) their overlap with it, so every `min_area`
-    of the search is a cheap selection instead of another pass of `postprocess`."""
+    of the search is a cheap selection instead of another pass of `postprocess`. With an ensemble's agreement
+    (`gate`, see `core.postprocess.shaped`), also the components of the mask cut to it, each with its parent
+    component: the IoU is then that of the shaped mask, as `final_mask` makes it."""
 
-    def __init__(self, r: dict, hits: np.ndarray, opening: int, roi, gt: np.ndarray | None):
+    def __init__(self, r: dict, hits: np.ndarray, opening: int, roi, gt: np.ndarray | None,
+                 gate: np.ndarray | None = None):
         mask = postprocess(r["map"], 0.0, 0, opening, roi, hits)
         self.head = r["image"]
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -131,10 +134,17 @@ class _Components:
         peak = np.full(n, -np.inf)
         np.maximum.at(peak, flat, r["map"].ravel().astype(np.float64))
         self.peaks = peak[1:]
-        self.inter = None
+        self.inter = self.cut = None
         if gt is not None:
-            self.inter = np.bincount(flat, weights=(gt.ravel() > 0), minlength=n)[1:]
-            self.gt_area = float((gt > 0).sum())
+            g = gt.ravel() > 0
+            self.inter = np.bincount(flat, weights=g, minlength=n)[1:]
+            self.gt_area = float(g.sum())
+            if gate is not None:  # a cut component lies inside one component of the mask: its parent
+                m, cut_labels, cut_stats, _ = cv2.connectedComponentsWithStats(mask & gate, connectivity=8)
+                parent = np.zeros(m, np.int64)
+                parent[cut_labels.ravel()] = flat
+                self.cut = (cut_stats[1:, cv2.CC_STAT_AREA].astype(np.int64), parent[1:] - 1,
+                            np.bincount(cut_labels.ravel(), weights=g, minlength=m)[1:])
 
     def select(self, area: int):
         """(non-empty, evidence, IoU or None) with components under `area` pixels dropped (as `remove_small`)."""
@@ -144,15 +154,21 @@ class _Components:
         if self.inter is None:
             return nonempty, ev, None
         inter, size = float(self.inter[keep].sum()), float(self.sizes[keep].sum())
+        if self.cut is not None:
+            sizes, parent, cut_inter = self.cut
+            kept = keep[parent] & (sizes >= area if area > 1 else True)
+            if kept.any():  # else the mask keeps its own shape (`shaped`)
+                inter, size = float(cut_inter[kept].sum()), float(sizes[kept].sum())
         union = size + self.gt_area - inter
         return nonempty, ev, (inter / union if union else 1.0)
 
 
-def _sweep_areas(results, rehit: Callable, thr: float, opening: int, rois=None, gt=None):
+def _sweep_areas(results, rehit: Callable, thr: float, opening: int, rois=None, gt=None, gates=None):
     """For every `min_area` of the grid: (non-empty flags, evidences, IoUs or None) at pixel threshold `thr`."""
     rois = rois if rois is not None else [None] * len(results)
     gts = gt if gt is not None else [None] * len(results)
-    comps = [_Components(r, rehit(r, thr), opening, roi, g) for r, roi, g in zip(results, rois, gts)]
+    gates = gates if gates is not None else [None] * len(results)
+    comps = [_Components(r, rehit(r, thr), opening, roi, g, a) for r, roi, g, a in zip(results, rois, gts, gates)]
     out = {}
     for area in MIN_AREAS:
         sel = [c.select(area) for c in comps]
@@ -178,12 +194,13 @@ def size_bins(masks: list[np.ndarray]) -> np.ndarray:
 
 def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: list[np.ndarray], rehit: Callable,
                     opening: int, target_overkill: float, rois: tuple[list, list] | None = None,
-                    balance_sizes: bool = False) -> dict:
+                    balance_sizes: bool = False, gates: list | None = None) -> dict:
     """Pixel threshold and min_area that maximise the competition score with escape and mIoU measured on the
     synthetic defects and overkill on the real normal crops, the image threshold fixed at `target_overkill`.
     `balance_sizes`: escape is the mean of the escapes of small, medium and large synthetic defects, so the choice
     does not lean on the synthesis' size mix (which need not be the real one: e.g. a min_area that only large
-    synthetic defects survive)."""
+    synthetic defects survive). `gates`: the synthetic defects' agreement masks, when the ensemble shapes its masks
+    (their mIoU is then the shaped masks')."""
     normal_pix = _pool([r["map"] for r in normal], None, True)
     defect_pix = _pool([r["map"] for r in synthetic], synthetic_gt, True)
     bins = size_bins(synthetic_gt)
@@ -191,7 +208,7 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
     best = None
     for thr in candidate_thresholds(normal_pix, defect_pix):
         on_normal = _sweep_areas(normal, rehit, thr, opening, rois and rois[0])
-        on_synthetic = _sweep_areas(synthetic, rehit, thr, opening, rois and rois[1], synthetic_gt)
+        on_synthetic = _sweep_areas(synthetic, rehit, thr, opening, rois and rois[1], synthetic_gt, gates)
         for area in MIN_AREAS:
             ne_n, ev_n, _ = on_normal[area]
             tau = threshold_at_rate(ev_n, ne_n, target_overkill)
@@ -211,9 +228,11 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
 
 
 def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
-                     rois: list | None = None, extra_thresholds: Sequence[float] = ()) -> dict:
+                     rois: list | None = None, extra_thresholds: Sequence[float] = (),
+                     gates: list | None = None) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
-    themselves for the oracle that measures calibration loss: then it reports, it chooses nothing)."""
+    themselves for the oracle that measures calibration loss: then it reports, it chooses nothing). `gates`: each
+    image's agreement mask when the ensemble shapes its masks (`core.postprocess.shaped`)."""
     labels = np.array([g.any() for g in gt])
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
     maps = [r["map"] for r in results]
@@ -221,7 +240,7 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
                             np.asarray(extra_thresholds, np.float64)])
     best = None
     for thr in cands:
-        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt)
+        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt, gates)
         for area in MIN_AREAS:
             nonempty, ev, ious = sweeps[area]
             for tau in np.unique(np.r_[FLAG_ALL, ev[nonempty]]):
@@ -250,12 +269,29 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
     return [cv2.resize(mask, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_NEAREST) for im in images]
 
 
+def member_thresholds(ens: Ensemble, norms: Sequence[dict]) -> list[float] | None:
+    """Each model's own calibrated pixel threshold (what `seg train` / `baseline fit` stored in its model file: where
+    that model alone calls a pixel defective), moved to the ensemble's scale (`norms`). None for a single model,
+    or when a model file carries no calibration."""
+    cals = ens.member_calibrations
+    if len(ens.models) < 2 or not cals or any(c is None for c in cals):
+        return None
+    out = []
+    for cal, norm in zip(cals, norms):
+        (c_own, s_own), (c, s) = cal["norm"]["pixel"], norm["pixel"]
+        out.append(float((cal["params"]["threshold"] * s_own + c_own - c) / s))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list, list] | None, defaults: dict,
               target_overkill: float, labelled: tuple[list, list] | None = None, balance_sizes: bool = False,
-              sheet: str | Path | None = None, normal_where: Sequence[tuple] | None = None, warn=None) -> dict:
+              sheet: str | Path | None = None, normal_where: Sequence[tuple] | None = None, warn=None,
+              shape: bool = True) -> dict:
     """Fit the ensemble's normalisers on `normal` crops, then choose its operating point: from `labelled` real crops
     when given, else from the normal crops (image threshold) and the `synthetic` (images, masks) defects.
+    `shape`: an ensemble of calibrated model files trims each flagged mask to where its models agree, each at its
+    own calibrated threshold (`member_thresholds`, `core.postprocess.shaped`); stored as params["shape"].
     `sheet`: a PNG of what set the operating point (`calibration_sheet`; `normal_where`: the normal crops' origins,
     for its captions). Returns {"params", "norms", "mode", "report"}; the ensemble keeps the fitted normalisers."""
     if not 0 <= target_overkill < 1:
@@ -266,10 +302,16 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     ens.set_norms(norms)
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
     params["roi"] = roi = defaults.get("roi")
+    params["shape"] = member_thresholds(ens, norms) if shape else None
+
+    def gates(results):
+        return None if params["shape"] is None else [agreement(r["per_model"], params["shape"]) for r in results]
+
     if labelled is not None:
         images, gt = labelled
-        best = best_on_labelled(ens.predict(list(images)), list(gt), ens.rehit, params["opening"],
-                                rois_for(images, roi))
+        results = ens.predict(list(images))
+        best = best_on_labelled(results, list(gt), ens.rehit, params["opening"], rois_for(images, roi),
+                                gates=gates(results))
         mode = "labelled"
     else:
         if synthetic is None or not len(synthetic[0]):
@@ -277,7 +319,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         rois = None if roi is None else (rois_for(normal, roi), rois_for(synthetic[0], roi))
         on_normal, on_synthetic = ens.predict(list(normal)), ens.predict(list(synthetic[0]))
         best = operating_point(on_normal, on_synthetic, list(synthetic[1]), ens.rehit, params["opening"],
-                               target_overkill, rois, balance_sizes)
+                               target_overkill, rois, balance_sizes, gates(on_synthetic))
         mode = "ok-images"
     params.update(threshold=best["threshold"], min_area=best["min_area"], image_threshold=best["image_threshold"])
     if mode == "ok-images":  # the normal crops that set the image threshold: in the report, and drawn in `sheet`
@@ -299,7 +341,7 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
     rate = c["target_overkill"] if target_overkill is None else target_overkill
     out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where,
-                    warn)
+                    warn, c.get("shape", True))
     out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
     return out
 
@@ -328,7 +370,10 @@ def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, fl
     """(post-processed mask, image evidence, flagged) of one prediction at `params`, as `ensemble predict` judges."""
     mask = postprocess(r["map"], params["threshold"], params["min_area"], params["opening"], roi,
                        rehit(r, params["threshold"]))
-    return mask, evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
+    ev, flagged = evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
+    if flagged:
+        mask = shaped(mask, agreement(r.get("per_model"), params.get("shape")), params["min_area"])
+    return mask, ev, flagged
 
 
 def _captioned(tile: np.ndarray, lines: Sequence[str]) -> np.ndarray:

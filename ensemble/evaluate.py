@@ -139,8 +139,11 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     params = summary.get("params", {})
     roi = params.get("roi")
     rois = rois_for([read_image(p) for p in find_images(image_dir)], roi) if roi else None
+    gates = None  # an ensemble that shaped its masks stored where its models agree: the oracle shapes them too
+    if params.get("shape") is not None and (pred_dir / "gates").is_dir():
+        gates = [read_mask(pred_dir / "gates" / f"{s}.png") for s in stems]
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
-                            rois, [params["threshold"]] if "threshold" in params else [])
+                            rois, [params["threshold"]] if "threshold" in params else [], gates)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

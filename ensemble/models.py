@@ -96,6 +96,7 @@ class Ensemble:
         self.tta = TTA[tta_mode]()
         self.tta_mode = tta_mode
         self.batch_size, self.overlap = batch_size, tile_overlap
+        self.member_calibrations: list[dict | None] | None = None  # set by `from_checkpoints`
         self.whole = window > 0 and all(getattr(m, "fully_convolutional", False) for m in self.models)
         self.window = max(window // STRIDE * STRIDE, tile) if window > 0 else 0
         self.set_norms(norms)
@@ -126,7 +127,9 @@ class Ensemble:
             raise InputError(f"checkpoints disagree on input channels ({sorted(chans)}); ensemble one kind")
         tile = min(c["synth"]["size"] for _, c, _ in loaded)
         kw.setdefault("norms", [cal["norm"] if cal else None for _, _, cal in loaded])
-        return cls([m for m, _, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
+        ens = cls([m for m, _, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
+        ens.member_calibrations = [cal for _, _, cal in loaded]  # each file's own operating point (ens. calibrate)
+        return ens
 
     @torch.no_grad()
     def raw_forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -21,7 +21,7 @@ from core.io import InputError, encode_png, find_images, read_image, read_mask, 
 from synth.preview import outline
 
 from .models import Ensemble
-from core.postprocess import final_mask, image_score
+from core.postprocess import agreement, final_mask, image_score
 from synth.engine import part_region
 from .submission import dump, mask_to_record, text_name, write_zip
 
@@ -85,7 +85,8 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if overlays not in ("all", "defective", "none"):
         raise InputError(f"overlays: expected all, defective or none, got {overlays!r}")
-    for sub in ("submission", "masks", "maps") + (("overlays",) if overlays != "none" else ()):
+    subs = ("submission", "masks", "maps") + (("gates",) if params.get("shape") is not None else ())
+    for sub in subs + (("overlays",) if overlays != "none" else ()):
         (tmp / sub).mkdir(parents=True)
     rows, n_def = [], 0
     ens.warmup()
@@ -114,10 +115,11 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                         roi_by_shape[h, w] = cv2.resize(roi_mask, (w, h), interpolation=cv2.INTER_NEAREST)
                     rmask = roi_by_shape[h, w]
                 hits = r["hits"] if params["threshold"] == ens.threshold else ens.rehit(r, params["threshold"])
-                mask = final_mask(r["map"], r["image"], params, rmask, hits)
+                gate = agreement(r["per_model"], params.get("shape"))  # an ensemble's trim (calibrated)
+                mask = final_mask(r["map"], r["image"], params, rmask, hits, gate)
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())
-                pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays))
+                pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays, gate))
                 rows.append({"name": text_name(p.name), "stem": text_name(stem), "defective": int(mask.any()),
                              "image_score": float(image_score(r["map"], r["image"])),
                              "image_head": "" if r["image"] is None else float(r["image"]),
@@ -148,13 +150,16 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
 
 
 def write_outputs(tmp: Path, stem: str, name: str, img: np.ndarray, mask: np.ndarray, amap: np.ndarray,
-                  overlays: str) -> None:
+                  overlays: str, gate: np.ndarray | None = None) -> None:
     """One image's files inside the temporary output folder (published whole at the end). Maps are stored as
-    float32 .npy, unrounded: they feed `ensemble evaluate`'s AUROC and AP."""
+    float32 .npy, unrounded: they feed `ensemble evaluate`'s AUROC and AP; an ensemble's agreement mask (`gate`)
+    as a PNG in gates/, so the oracle of `evaluate` shapes masks as prediction did."""
     defective = bool(mask.any())
     if defective:
         (tmp / "submission" / f"{stem}.json").write_text(dump(mask_to_record(mask, name)))
     (tmp / "masks" / f"{stem}.png").write_bytes(encode_png(mask * 255))
     np.save(tmp / "maps" / f"{stem}.npy", np.asarray(amap, np.float32), allow_pickle=False)
+    if gate is not None:
+        (tmp / "gates" / f"{stem}.png").write_bytes(encode_png(gate * 255))
     if overlays == "all" or (overlays == "defective" and defective):
         (tmp / "overlays" / f"{stem}.png").write_bytes(encode_png(outline(img, mask), 0))

@@ -458,3 +458,76 @@ def test_calibration_synthesis_leaves_transplanted_defects_out(ok_dir, tmp_path)
     synth.update(transplant=str(tmp_path / "gone"), families={**synth["families"], "transplant": 1.5})
     images, masks = synthetic_defects({"synth": synth}, SourcePool(ok_dir), 6, seed=0)
     assert len(images) == 6 and all(m.any() for m in masks)
+
+
+def _blob_and_outline(segmenter_sees: bool):
+    """Two standardised maps: a broad blob (a feature-distance model) and, when `segmenter_sees`, a sharp 6x6
+    outline of the defect inside it (the segmenter)."""
+    per_model = np.full((2, 64, 64), -2.0, np.float32)
+    per_model[1, 10:30, 10:30] = 3.0
+    if segmenter_sees:
+        per_model[0, 16:22, 16:22] = 3.0
+    return per_model
+
+
+def test_a_flagged_mask_is_trimmed_to_where_the_models_agree_and_kept_where_only_one_sees():
+    from core.postprocess import agreement
+
+    p = {"threshold": 0.0, "image_threshold": -1e30, "min_area": 3, "opening": 0}
+    for sees, area in ((True, 36), (False, 400)):
+        per_model = _blob_and_outline(sees)
+        amap = per_model.mean(0)  # the merged map: the blob stands above 0 everywhere
+        merged = final_mask(amap, None, p)
+        trimmed = final_mask(amap, None, p, gate=agreement(per_model, [1.0, 1.0]))
+        assert merged.sum() == 400 and trimmed.sum() == area and not (trimmed & ~merged.astype(bool)).any()
+    # the decision is the merged map's: a crop judged normal stays empty, trimmed or not
+    per_model = _blob_and_outline(True)
+    strict = {**p, "image_threshold": 10.0}
+    assert not final_mask(per_model.mean(0), None, strict, gate=agreement(per_model, [1.0, 1.0])).any()
+    assert agreement(per_model, None) is None
+    with pytest.raises(ValueError, match="2 models"):
+        agreement(per_model, [1.0])
+
+
+def test_the_search_scores_trimmed_masks_exactly_as_final_mask_makes_them():
+    """`best_on_labelled` and the calibration search take IoUs from connected components (`_Components`): with an
+    agreement mask they must equal the IoU of what `final_mask` writes, at every threshold and min_area."""
+    from core.metrics import iou
+    from core.postprocess import agreement
+    from ensemble.calibrate import FLAG_ALL, MIN_AREAS, _Components
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for i in range(6):
+        per_model = np.stack([cv2.GaussianBlur(rng.normal(size=(64, 64)).astype(np.float32), (0, 0), 3) * 8
+                              for _ in range(2)])
+        gt = np.zeros((64, 64), np.uint8)
+        cv2.circle(gt, (int(rng.integers(16, 48)), int(rng.integers(16, 48))), 8, 1, -1)
+        gate = agreement(per_model, [0.2, 0.5])
+        amap = per_model.mean(0)
+        for thr in (-0.5, 0.0, 0.5, 1.0):
+            comps = _Components({"map": amap, "image": None}, (amap >= thr).astype(np.uint8), 0, None, gt, gate)
+            for area in MIN_AREAS:
+                nonempty, _, fast = comps.select(area)
+                p = {"threshold": thr, "image_threshold": FLAG_ALL, "min_area": area, "opening": 0}
+                slow = final_mask(amap, None, p, gate=gate)
+                assert nonempty == slow.any()
+                if nonempty:
+                    assert fast == pytest.approx(iou(slow, gt)), (i, thr, area)
+                    checked += 1
+    assert checked > 50
+
+
+def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale():
+    from ensemble.calibrate import member_thresholds
+
+    ens = Ensemble([Pointwise(), Pointwise(16.0, -8.0)], 1, 128, "cpu", "none")
+    norms = [{"pixel": [1.0, 2.0], "image": None}, {"pixel": [-1.0, 4.0], "image": None}]
+    assert member_thresholds(ens, norms) is None  # files without their own calibration: no trimming
+    ens.member_calibrations = [{"norm": {"pixel": [0.0, 1.0]}, "params": {"threshold": 3.0}},
+                               {"norm": {"pixel": [2.0, 0.5]}, "params": {"threshold": -2.0}}]
+    # raw thresholds 3.0 and 1.0, on the ensemble's scale (3 - 1) / 2 and (1 + 1) / 4
+    assert member_thresholds(ens, norms) == pytest.approx([1.0, 0.5])
+    single = Ensemble([Pointwise()], 1, 128, "cpu", "none")
+    single.member_calibrations = ens.member_calibrations[:1]
+    assert member_thresholds(single, norms[:1]) is None

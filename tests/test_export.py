@@ -59,9 +59,10 @@ def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_subm
     pc.standardise(crops_tensor(pool.random_crops(8, 2)))
     norms = [{"pixel": [0.1 * i, 1.0 + i], "image": [0.2, 2.0]} for i in range(6)]
     ens = Ensemble([unet, u3, ev, pc, sn, rn], 1, 128, "cpu", "flip", norms=norms, threshold=PARAMS["threshold"])
-    meta = export_onnx(ens, PARAMS, tmp_path / "all.onnx")
+    params = {**PARAMS, "shape": [0.0, 0.0, 0.5, 0.0, 0.0, 0.0]}  # each model's own threshold: masks trimmed
+    meta = export_onnx(ens, params, tmp_path / "all.onnx")
     assert meta["exporter"] == "torchscript"  # every kind takes the fast exporter, no fallback (nor its log)
-    assert meta["models"] == 6 and meta["tta"] == "flip" and meta["params"] == PARAMS and meta["heads"]
+    assert meta["models"] == 6 and meta["tta"] == "flip" and meta["params"] == params and meta["heads"]
     onnx = OnnxEnsemble(tmp_path / "all.onnx")
     x = crops_tensor(crops_with_pits(6))
     (maps, heads), (omaps, oheads) = ens.forward(x), onnx.forward(x)
@@ -73,10 +74,10 @@ def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_subm
     folder.mkdir()
     for i, img in enumerate(crops_with_pits(6)):
         cv2.imwrite(str(folder / f"c{i}.png"), img)
-    a = run_predict(ens, folder, tmp_path / "torch", PARAMS)
-    b = run_predict(onnx, folder, tmp_path / "onnx", PARAMS)
+    a = run_predict(ens, folder, tmp_path / "torch", params)
+    b = run_predict(onnx, folder, tmp_path / "onnx", onnx.params())
     assert a["defective"] == b["defective"] > 0
-    for sub in ("submission", "masks"):
+    for sub in ("submission", "masks", "gates"):
         files = sorted(p.name for p in (tmp_path / "torch" / sub).iterdir())
         assert files == sorted(p.name for p in (tmp_path / "onnx" / sub).iterdir())
         assert all((tmp_path / "torch" / sub / f).read_bytes() == (tmp_path / "onnx" / sub / f).read_bytes()

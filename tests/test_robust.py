@@ -308,4 +308,6 @@ def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_d
     assert r.returncode == 2 and f"{run}: a run of several seeds, one ensemble: calibrate it" in r.stderr
     assert not (tmp_path / "pred").exists()
     run_ok(cli("ensemble", "calibrate", "-m", run, "-o", tmp_path / "ens.json"))
-    assert read_json_file(tmp_path / "ens.json")["checkpoints"] == model_paths([run])
+    spec = read_json_file(tmp_path / "ens.json")
+    assert spec["checkpoints"] == model_paths([run])
+    assert len(spec["params"]["shape"]) == 2  # each seed's own threshold: masks trimmed to where both agree
