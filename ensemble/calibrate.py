@@ -272,9 +272,9 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
 def member_thresholds(ens: Ensemble, norms: Sequence[dict]) -> list[float] | None:
     """Each model's own calibrated pixel threshold (what `seg train` / `baseline fit` stored in its model file: where
     that model alone calls a pixel defective), moved to the ensemble's scale (`norms`). None for a single model,
-    or when a model file carries no calibration."""
+    or when a model file carries no calibration (or one without its normaliser)."""
     cals = ens.member_calibrations
-    if len(ens.models) < 2 or not cals or any(c is None for c in cals):
+    if len(ens.models) < 2 or not cals or any(not c or not c.get("norm") for c in cals):
         return None
     out = []
     for cal, norm in zip(cals, norms):
