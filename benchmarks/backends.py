@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.io import find_images, read_image  # noqa: E402
-from core.postprocess import final_mask  # noqa: E402
+from core.postprocess import agreement, final_mask  # noqa: E402
 from ensemble.export import OnnxEnsemble, export_onnx  # noqa: E402
 from ensemble.models import build_ensemble  # noqa: E402
 
@@ -51,8 +51,10 @@ def main(argv=None) -> dict:
         onnx = OnnxEnsemble(Path(d) / "m.onnx", batch_size=ens.batch_size)
         torch_rate, r_t = timed(ens, images, a.repeats)
         onnx_rate, r_o = timed(onnx, images, a.repeats)
-    same = sum(np.array_equal(final_mask(x["map"], x["image"], p, None, x["hits"]),
-                              final_mask(y["map"], y["image"], p, None, y["hits"])) for x, y in zip(r_t, r_o))
+    shape = p.get("shape")  # a hybrid trims its masks as `ensemble predict` does
+    same = sum(np.array_equal(final_mask(x["map"], x["image"], p, None, x["hits"], agreement(x["per_model"], shape)),
+                              final_mask(y["map"], y["image"], p, None, y["hits"], agreement(y["per_model"], shape)))
+               for x, y in zip(r_t, r_o))
     diff = max(float(np.abs(x["map"] - y["map"]).max()) for x, y in zip(r_t, r_o))
     out = {"models": len(ens.models), "tta": ens.tta_mode, "images": len(images), "torch_images_per_s": torch_rate,
            "onnx_images_per_s": onnx_rate, "export_s": export_s, "same_masks": same, "max_map_diff": diff}

@@ -22,9 +22,10 @@ import numpy as np  # noqa: E402
 
 from core.metrics import competition_score  # noqa: E402
 from core.modelfile import load_model_file, model_paths  # noqa: E402
-from core.postprocess import final_mask  # noqa: E402
+from core.postprocess import agreement, final_mask  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image  # noqa: E402
-from ensemble.calibrate import calibration_pools, fit_norms, normal_crops, operating_point, synthetic_defects  # noqa
+from ensemble.calibrate import calibration_pools, fit_norms, member_thresholds, normal_crops, operating_point, \
+    synthetic_defects  # noqa: E402
 from ensemble.evaluate import load_ground_truth  # noqa: E402
 from ensemble.models import Ensemble  # noqa: E402
 
@@ -44,7 +45,9 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
     pool, _ = calibration_pools(cfg)
     normal = normal_crops(pool, c["normal_crops"], c["seed"])
     syn = synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
-    ens.set_norms(fit_norms(ens, normal))
+    norms = fit_norms(ens, normal)
+    ens.set_norms(norms)
+    shape = member_thresholds(ens, norms) if c.get("shape", True) else None  # a hybrid trims as it predicts
     res_n, res_s = ens.predict(normal), ens.predict(syn[0])
     test = competition_dir(cfg["data"]["root"], cfg["part"], "TC_Images")
     paths_t, _, gt = load_ground_truth(test)
@@ -52,10 +55,12 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
     out = {b: [] for b in balances}
     for balance in out:
         for t in targets:
-            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance)
+            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance,
+                                   None if shape is None else [agreement(r["per_model"], shape) for r in res_s])
             p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
                  "min_area": best["min_area"], "opening": 0}
-            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"])) for r in res_t]
+            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]),
+                               gate=agreement(r["per_model"], shape)) for r in res_t]
             out[balance].append(competition_score(pred, gt)["score"])
     return out
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from core.io import InputError
+
 
 def remove_small(mask: np.ndarray, min_area: int) -> np.ndarray:
     """Drop connected components (8-connected) smaller than `min_area` pixels."""
@@ -59,7 +61,8 @@ def agreement(per_model: np.ndarray | None, shape) -> np.ndarray | None:
         return None
     thr = np.asarray(shape, np.float32).reshape(-1, 1, 1)
     if len(thr) != len(per_model):
-        raise ValueError(f"shape: {len(thr)} thresholds for {len(per_model)} models")
+        raise InputError(f"params.shape: {len(thr)} thresholds for {len(per_model)} models (calibrate the "
+                         "ensemble again)")
     return np.all(per_model >= thr, axis=0).astype(np.uint8)
 
 

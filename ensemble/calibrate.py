@@ -271,15 +271,17 @@ def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
 
 def member_thresholds(ens: Ensemble, norms: Sequence[dict]) -> list[float] | None:
     """Each model's own calibrated pixel threshold (what `seg train` / `baseline fit` stored in its model file: where
-    that model alone calls a pixel defective), moved to the ensemble's scale (`norms`). None for a single model,
-    or when a model file carries no calibration (or one without its normaliser)."""
+    that model alone calls a pixel defective), moved to the ensemble's scale (`norms`) through the raw map values;
+    a model calibrated with another TTA than the ensemble's (PatchCore files: none) keeps its raw threshold. A model
+    of weight 0 agrees everywhere. None for a single model, or when a model file carries no calibration (or one
+    without its normaliser)."""
     cals = ens.member_calibrations
     if len(ens.models) < 2 or not cals or any(not c or not c.get("norm") for c in cals):
         return None
     out = []
-    for cal, norm in zip(cals, norms):
+    for cal, norm, weight in zip(cals, norms, ens.weights):
         (c_own, s_own), (c, s) = cal["norm"]["pixel"], norm["pixel"]
-        out.append(float((cal["params"]["threshold"] * s_own + c_own - c) / s))
+        out.append(float((cal["params"]["threshold"] * s_own + c_own - c) / s) if weight > 0 else FLAG_ALL)
     return out
 
 
@@ -303,6 +305,9 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
     params["roi"] = roi = defaults.get("roi")
     params["shape"] = member_thresholds(ens, norms) if shape else None
+    if shape and params["shape"] is None and len(ens.models) > 1 and warn:
+        warn("masks not trimmed to where the models agree: a model file carries no calibration of its own "
+             "(calibrate it alone first: `seg train` and `baseline fit` do it at the end)")
 
     def gates(results):
         return None if params["shape"] is None else [agreement(r["per_model"], params["shape"]) for r in results]

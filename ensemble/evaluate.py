@@ -124,7 +124,8 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
            maps: list[np.ndarray] | None = None) -> dict | None:
     """The best score any thresholds reach on these labelled images, from a predict folder's stored maps (or
     `maps`, the same already loaded by `load_predictions`) and image scores (reporting only: it chooses nothing).
-    None when the folder cannot say (no maps, or a vote merge, whose hits are not a threshold of the mean map)."""
+    None when the folder cannot say (no maps, a vote merge, whose hits are not a threshold of the mean map, or an
+    ensemble that trimmed its masks without its gates/ beside them)."""
     from .calibrate import best_on_labelled, rois_for
 
     pred_dir = Path(pred_dir)
@@ -140,7 +141,9 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     roi = params.get("roi")
     rois = rois_for([read_image(p) for p in find_images(image_dir)], roi) if roi else None
     gates = None  # an ensemble that shaped its masks stored where its models agree: the oracle shapes them too
-    if params.get("shape") is not None and (pred_dir / "gates").is_dir():
+    if params.get("shape") is not None:
+        if not all((pred_dir / "gates" / f"{s}.png").is_file() for s in stems):
+            return None  # without them the oracle would score other masks than prediction wrote
         gates = [read_mask(pred_dir / "gates" / f"{s}.png") for s in stems]
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
                             rois, [params["threshold"]] if "threshold" in params else [], gates)

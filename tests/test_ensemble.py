@@ -18,7 +18,7 @@ from ensemble.models import Ensemble
 from core.postprocess import final_mask
 from ensemble.predict import run_predict
 from ensemble.submission import mask_to_record, read_submission, record_to_mask
-from core.io import read_image
+from core.io import InputError, read_image
 
 PARAMS = {"threshold": 0.0, "image_threshold": 0.0, "min_area": 0, "opening": 0}  # logit 0 = probability 0.5
 
@@ -485,7 +485,7 @@ def test_a_flagged_mask_is_trimmed_to_where_the_models_agree_and_kept_where_only
     strict = {**p, "image_threshold": 10.0}
     assert not final_mask(per_model.mean(0), None, strict, gate=agreement(per_model, [1.0, 1.0])).any()
     assert agreement(per_model, None) is None
-    with pytest.raises(ValueError, match="2 models"):
+    with pytest.raises(InputError, match="2 models"):
         agreement(per_model, [1.0])
 
 
@@ -519,7 +519,7 @@ def test_the_search_scores_trimmed_masks_exactly_as_final_mask_makes_them():
 
 
 def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale():
-    from ensemble.calibrate import member_thresholds
+    from ensemble.calibrate import FLAG_ALL, member_thresholds
 
     ens = Ensemble([Pointwise(), Pointwise(16.0, -8.0)], 1, 128, "cpu", "none")
     norms = [{"pixel": [1.0, 2.0], "image": None}, {"pixel": [-1.0, 4.0], "image": None}]
@@ -528,6 +528,29 @@ def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale
                                {"norm": {"pixel": [2.0, 0.5]}, "params": {"threshold": -2.0}}]
     # raw thresholds 3.0 and 1.0, on the ensemble's scale (3 - 1) / 2 and (1 + 1) / 4
     assert member_thresholds(ens, norms) == pytest.approx([1.0, 0.5])
+    muted = Ensemble([Pointwise(), Pointwise(16.0, -8.0)], 1, 128, "cpu", "none", weights=[1.0, 0.0])
+    muted.member_calibrations = ens.member_calibrations
+    assert member_thresholds(muted, norms) == pytest.approx([1.0, FLAG_ALL])  # weight 0: it trims nothing
     single = Ensemble([Pointwise()], 1, 128, "cpu", "none")
     single.member_calibrations = ens.member_calibrations[:1]
     assert member_thresholds(single, norms[:1]) is None
+
+
+def test_a_trimming_ensemble_stores_its_agreement_and_the_oracle_needs_it(tmp_path):
+    images = tmp_path / "TC_Images"
+    masks = tmp_path / "TC_Masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(6):
+        img, m = spotted(i, i % 2 == 1)
+        cv2.imwrite(str(images / f"c{i}.bmp"), img)
+        cv2.imwrite(str(masks / f"c{i}.png"), m * 255)
+    ens = Ensemble([Pointwise(), Pointwise(16.0, -8.0)], 1, 128, "cpu", "none")
+    params = {**PARAMS, "shape": [0.5, 0.5]}
+    run_predict(ens, images, tmp_path / "pred", params)
+    gates = sorted((tmp_path / "pred" / "gates").iterdir())
+    assert len(gates) == 6 and all(read_image(g).max() in (0, 255) for g in gates)
+    m = evaluate(tmp_path / "pred", images, tmp_path / "rep")
+    assert m["oracle_score"] >= m["score"] - 1e-9
+    shutil.rmtree(tmp_path / "pred" / "gates")  # a folder copied without them: the oracle cannot say
+    assert "oracle_score" not in evaluate(tmp_path / "pred", images, tmp_path / "rep2")
