@@ -339,15 +339,20 @@ def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
     assert competition_score(unseen, list(gt[8:]))["score"] > 0.9
 
 
-def test_auroc_from_stored_maps_equals_auroc_in_memory(tmp_path):
-    images = tmp_path / "TC_Images"
-    masks = tmp_path / "TC_Masks"
+def spotted_folder(tmp_path, n: int):
+    """n `spotted` crops (every other one defective) in TC_Images/, their masks in TC_Masks/ beside."""
+    images, masks = tmp_path / "TC_Images", tmp_path / "TC_Masks"
     images.mkdir()
     masks.mkdir()
-    for i in range(8):
+    for i in range(n):
         img, m = spotted(i, i % 2 == 1)
         cv2.imwrite(str(images / f"c{i}.bmp"), img)
         cv2.imwrite(str(masks / f"c{i}.png"), m * 255)
+    return images
+
+
+def test_auroc_from_stored_maps_equals_auroc_in_memory(tmp_path):
+    images = spotted_folder(tmp_path, 8)
     ens = Ensemble([Noisy(1e4, -3e4)], 1, 128, "cpu", "none")  # huge logits: 8-bit probabilities would all tie
     run_predict(ens, images, tmp_path / "pred", PARAMS)
     _, _, gt = load_ground_truth(images)
@@ -537,14 +542,7 @@ def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale
 
 
 def test_a_trimming_ensemble_stores_its_agreement_and_the_oracle_needs_it(tmp_path):
-    images = tmp_path / "TC_Images"
-    masks = tmp_path / "TC_Masks"
-    images.mkdir()
-    masks.mkdir()
-    for i in range(6):
-        img, m = spotted(i, i % 2 == 1)
-        cv2.imwrite(str(images / f"c{i}.bmp"), img)
-        cv2.imwrite(str(masks / f"c{i}.png"), m * 255)
+    images = spotted_folder(tmp_path, 6)
     ens = Ensemble([Pointwise(), Pointwise(16.0, -8.0)], 1, 128, "cpu", "none")
     params = {**PARAMS, "shape": [0.5, 0.5]}
     run_predict(ens, images, tmp_path / "pred", params)
