@@ -4,6 +4,8 @@ Every epoch draws new defects from the tagged stream `[TRAIN, seed, epoch, rank,
 curriculum's difficulty ceiling; validation uses a fixed-seed synthetic set (and an optional real labelled folder).
 Checkpoints `best.pt` and `last.pt` are written atomically and carry the resolved config, so a checkpoint alone is
 enough to predict; `resume` restores model, optimiser, scheduler, scaler, RNG and history, and continues exactly.
+With `train.ema` (a decay cap; 0 = off), a moving average of the weights (timm's ModelEmaV3, warm-up on) is what
+validation scores and what `best.pt` holds; `last.pt` keeps the training weights beside it for `--resume`.
 Runs under `torchrun` as DistributedDataParallel (gloo on CPU, nccl on CUDA).
 """
 
@@ -67,6 +69,7 @@ def _watched(loader: DataLoader, epoch: int):
             raise
         yield batch
 load_checkpoint = load_model_file
+EMA_WARMUP_POWER = 0.75  # timm's advice for short trainings: the average spans about the last 100 of 500 steps
 
 
 @torch.no_grad()
@@ -214,6 +217,11 @@ class Trainer:
                      "it keeps its default features")
             self.model.fit_normal(normal, held, pairs)
         self.model = place(self.model, self.device)
+        self.ema = None
+        if t.get("ema"):  # files older than the key: off
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=t["ema"], use_warmup=True, warmup_power=EMA_WARMUP_POWER)
         # a head whose loss weight is 0 gets no gradient: DDP must be told, or it waits for it forever
         unused = t["image_loss_weight"] == 0 or t["deep_loss_weight"] == 0
         self.net = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=unused)
@@ -239,22 +247,33 @@ class Trainer:
         self.start_epoch, self.best, self.best_epoch, self.stale = 0, None, -1, 0
 
     # ------------------------------------------------------------------------------------------- state
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights that validation scores and prediction uses: the moving average when `train.ema` is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def inference_state(self, epoch: int) -> dict:
         """What prediction needs (best.pt): weights, config, the run's history; no optimiser, scheduler or RNG
         state (those live in last.pt, which `--resume` uses)."""
-        return {"model": self.model.state_dict(), "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch,
+        return {"model": self.scored.state_dict(), "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch,
                 "metric": self.cfg["train"]["metric"], "rows": self.rows, "config": self.cfg}
 
     def state(self, epoch: int) -> dict:
         """Everything `--resume` needs (last.pt): the inference state plus optimiser, scheduler, scaler and RNG."""
-        return {**self.inference_state(epoch), "optimizer": self.opt.state_dict(),
+        raw = {"train_model": self.model.state_dict()} if self.ema is not None else {}
+        return {**self.inference_state(epoch), **raw, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "stale": self.stale,
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def resume(self) -> None:
         ckpt = load_checkpoint(self.out / "last.pt")
-        self.model.load_state_dict(ckpt["model"])
+        if (self.ema is not None) != ("train_model" in ckpt):
+            raise InputError(f"{self.out / 'last.pt'}: trained with{'out' if self.ema is not None else ''} "
+                             "train.ema; resume it with the same setting")
+        self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -306,6 +325,8 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=epoch * t["steps_per_epoch"] + step)
             losses.append(float(parts["total"].detach()))
             if bar is not None:
                 bar(1, epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}")
@@ -333,10 +354,10 @@ class Trainer:
                 train_loss = self.train_epoch(epoch, bar)
                 row = {"epoch": epoch, "ceiling": ceiling, "lr": self.opt.param_groups[0]["lr"],
                        "train_loss": train_loss, "seconds": time.perf_counter() - e0}
-                val = evaluate_set(self.model, *self.val, self.cfg["predict"], self.device, self.loss_fn)
+                val = evaluate_set(self.scored, *self.val, self.cfg["predict"], self.device, self.loss_fn)
                 row.update({f"val_{k}": v for k, v in val.items() if k not in ("defective", "normal")})
                 if self.real is not None:
-                    real = evaluate_set(self.model, *self.real, self.cfg["predict"], self.device, self.loss_fn)
+                    real = evaluate_set(self.scored, *self.real, self.cfg["predict"], self.device, self.loss_fn)
                     row.update({f"real_{k}": v for k, v in real.items() if k not in ("defective", "normal")})
                 self.rows.append(row)
                 if self.step_best(row, epoch) and self.main:
