@@ -268,12 +268,13 @@ class Trainer:
 
     def resume(self) -> None:
         ckpt = load_checkpoint(self.out / "last.pt")
-        if (self.ema is not None) != ("train_model" in ckpt):
-            raise InputError(f"{self.out / 'last.pt'}: trained with{'out' if self.ema is not None else ''} "
-                             "train.ema; resume it with the same setting")
         self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-        if self.ema is not None:
+        if self.ema is not None:  # a run trained without the average starts it from the weights it resumes
             self.ema.module.load_state_dict(ckpt["model"])
+        if (self.ema is not None) != ("train_model" in ckpt):
+            self.log(f"{self.out / 'last.pt'} was trained with{'out' if self.ema is not None else ''} train.ema: "
+                     f"{'the average starts from its weights' if self.ema is not None else 'its average is dropped'}"
+                     " (not the exact continuation)")
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])

@@ -204,10 +204,11 @@ def test_a_generated_folder_validates_on_its_own_held_out_sources(ok_dir, tmp_pa
         Trainer(cfg, log=lambda m: None)
 
 
-def test_resume_continues_exactly(ok_dir, tmp_path):
-    straight = tiny_config(ok_dir, tmp_path / "a")
+@pytest.mark.parametrize("ema", [0.0, 0.999])
+def test_resume_continues_exactly(ok_dir, tmp_path, ema):
+    straight = tiny_config(ok_dir, tmp_path / "a", ema=ema)
     train(straight, log=lambda m: None)
-    half = tiny_config(ok_dir, tmp_path / "b")
+    half = tiny_config(ok_dir, tmp_path / "b", ema=ema)
 
     class Interrupt:  # a progress bar that stops the run in the middle of epoch 1, like Ctrl-C would
         def __init__(self, *a):
@@ -232,12 +233,49 @@ def test_resume_continues_exactly(ok_dir, tmp_path):
     assert any("resumed" in m and "after epoch 0" in m for m in logs)
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert [r["epoch"] for r in b["rows"]] == [0, 1]
-    for k, v in a["model"].items():  # bit for bit: weights, optimiser and scheduler state, history
-        assert torch.equal(v, b["model"][k]), k
+    assert ("train_model" in a) == ("train_model" in b) == bool(ema)  # with train.ema: the weights trained on
+    for key in ("model", "train_model") if ema else ("model",):  # bit for bit: weights (averaged ones too),
+        for k, v in a[key].items():  # optimiser and scheduler state, history
+            assert torch.equal(v, b[key][k]), (key, k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["scheduler"] == b["scheduler"]
     assert a["rows"][1]["train_loss"] == b["rows"][1]["train_loss"]
+
+
+def test_ema_weights_are_what_validation_scores_and_best_pt_holds(ok_dir, tmp_path):
+    plain, averaged = tmp_path / "plain", tmp_path / "ema"
+    train(tiny_config(ok_dir, plain, epochs=1, steps_per_epoch=3), log=lambda m: None)
+    train(tiny_config(ok_dir, averaged, epochs=1, steps_per_epoch=3, ema=0.999), log=lambda m: None)
+    p, e = load_checkpoint(plain / "last.pt"), load_checkpoint(averaged / "last.pt")
+    assert "train_model" not in p
+    moved = 0
+    for k, w in e["train_model"].items():  # the same training path: the average does not steer the training
+        assert torch.equal(w, p["model"][k]), k
+        moved += bool(w.is_floating_point() and not torch.equal(w, e["model"][k]))
+    assert moved > 10  # the averaged weights are other weights
+    best = load_checkpoint(averaged / "best.pt")
+    assert all(torch.equal(v, e["model"][k]) for k, v in best["model"].items())  # one epoch: best is the last
+    # validation scored the averaged weights: its loss on the val set is theirs, not the training weights'
+    cfg = tiny_config(ok_dir, tmp_path / "x", epochs=1, steps_per_epoch=3, ema=0.999)
+    from seg.train import Trainer, evaluate_set
+    t = Trainer(cfg, log=lambda m: None)
+    t.model.load_state_dict(e["train_model"])
+    t.ema.module.load_state_dict(e["model"])
+    row = evaluate_set(t.scored, *t.val, cfg["predict"], t.device, t.loss_fn)
+    raw = evaluate_set(t.model, *t.val, cfg["predict"], t.device, t.loss_fn)
+    assert row["loss"] == pytest.approx(e["rows"][0]["val_loss"], abs=1e-6) and raw["loss"] != row["loss"]
+
+
+def test_resume_across_a_change_of_train_ema_keeps_the_work(ok_dir, tmp_path):
+    train(tiny_config(ok_dir, tmp_path, epochs=1), log=lambda m: None)
+    before = load_checkpoint(tmp_path / "last.pt")["model"]
+    logs = []
+    train(tiny_config(ok_dir, tmp_path, epochs=2, ema=0.999), resume=True, log=logs.append)
+    assert any("trained without train.ema: the average starts from its weights" in m for m in logs)
+    after = load_checkpoint(tmp_path / "last.pt")
+    assert [r["epoch"] for r in after["rows"]] == [0, 1] and "train_model" in after
+    assert any(not torch.equal(v, after["train_model"][k]) for k, v in before.items())  # it trained on from there
 
 
 def test_bad_config_key_fails_with_a_clear_message(tmp_path):
