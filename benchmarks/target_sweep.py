@@ -52,15 +52,16 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
     test = competition_dir(cfg["data"]["root"], cfg["part"], "TC_Images")
     paths_t, _, gt = load_ground_truth(test)
     res_t = ens.predict([read_image(p, ens.channels) for p in paths_t])
+    gates_s = None if shape is None else [agreement(r["per_model"], shape) for r in res_s]  # fixed: once
+    gates_t = [agreement(r["per_model"], shape) for r in res_t]
     out = {b: [] for b in balances}
     for balance in out:
         for t in targets:
-            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance,
-                                   None if shape is None else [agreement(r["per_model"], shape) for r in res_s])
+            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance, gates_s)
             p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
                  "min_area": best["min_area"], "opening": 0}
-            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]),
-                               gate=agreement(r["per_model"], shape)) for r in res_t]
+            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]), gate=g)
+                    for r, g in zip(res_t, gates_t)]
             out[balance].append(competition_score(pred, gt)["score"])
     return out
 
