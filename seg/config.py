@@ -59,6 +59,7 @@ CHOICES = {
     "train.mask_loss": ("dice_bce", "dice_focal"), "train.curriculum.schedule": ("none", "linear", "step"),
     "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),
     "predict.merge": ("mean", "vote"),
+    "synth.sizes": ("uniform", "log"),
 }
 
 

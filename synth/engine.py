@@ -55,6 +55,7 @@ class SynthConfig:
     transplant_half: str = "all"  # which of them: all, or the fixed half fit / score (core.io.half_of)
     transplant_limit: int = 0  # at most this many labelled crops (0: all)
     params: dict = field(default_factory=dict)  # per-transform range overrides, e.g. {"bezier_blob": {...}}
+    sizes: str = "uniform"  # how radii, lengths, widths and windows are drawn in their ranges: uniform or log
 
     def __post_init__(self):
         if not isinstance(self.size, int) or not 16 <= self.size <= 4096:
@@ -82,6 +83,8 @@ class SynthConfig:
             raise ValueError(f"transplant_half: expected all, fit or score, got {self.transplant_half!r}")
         if not isinstance(self.transplant_limit, int) or self.transplant_limit < 0:
             raise ValueError(f"transplant_limit: expected an integer >= 0, got {self.transplant_limit!r}")
+        if self.sizes not in ("uniform", "log"):
+            raise ValueError(f"sizes: expected uniform or log, got {self.sizes!r}")
         known = set(SHAPES) | set(ALL_FILLS) | {"alpha", "elastic", "displacement", "line", "stain", "edge",
                                                 "transplant"}
         for k in self.params:
@@ -248,6 +251,10 @@ class DefectSynthesizer:
         self.bank = make("transplant", TransplantBank, config.transplant, config.channels, config.transplant_half,
                          config.transplant_limit) if config.transplant else None
         self._roi_file = read_mask(config.roi) if config.roi not in (None, "auto") else None
+        # everything that draws a size (the texture families' own blob and Perlin shape too), as synth.sizes says
+        for drawer in (*self.shapes.values(), self.displacement, self.texture, self.texture.blob, self.texture.perlin,
+                       self.edge):
+            drawer.log_sizes = config.sizes == "log"
 
     # ----------------------------------------------------------------------------------------- drawing
     def _draw_defect(self, rng: np.random.Generator, source_shape, ctx: CropContext) -> dict:

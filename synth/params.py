@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +35,25 @@ def check_weights(name: str, weights: dict[str, float], known: Sequence[str]) ->
 
 def uniform(rng: np.random.Generator, r: tuple[float, float]) -> float:
     return float(rng.uniform(r[0], r[1]))
+
+
+def extent(rng: np.random.Generator, r: tuple[float, float]) -> float:
+    """A size (a radius, a length, a width, a window) drawn log-uniformly from `r`: every scale in the range is as
+    likely as any other, so a range that spans hair-lines to bands is not dominated by its large end (one draw of
+    `rng.uniform`, as `uniform`). A range that starts at 0 is drawn uniformly."""
+    if r[0] <= 0:
+        return uniform(rng, r)
+    return float(math.exp(rng.uniform(math.log(r[0]), math.log(r[1]))))
+
+
+class Sized:
+    """What draws sizes (a radius, a length, a width, a window) within a range: uniformly, or log-uniformly when
+    `log_sizes` is set (the engine sets it from `synth.sizes`)."""
+
+    log_sizes = False
+
+    def size_in(self, rng: np.random.Generator, r: tuple[float, float]) -> float:
+        return extent(rng, r) if self.log_sizes else uniform(rng, r)
 
 
 def integer(rng: np.random.Generator, r: tuple[float, float]) -> int:

@@ -12,7 +12,7 @@ import cv2
 import elasticdeform
 import numpy as np
 
-from .params import check_range, integer, rounded, sub_seed, uniform
+from .params import Sized, check_range, integer, rounded, sub_seed, uniform
 
 _SHIFT = 4  # sub-pixel bits for cv2 polygon filling
 _ONE = 1 << _SHIFT
@@ -29,7 +29,7 @@ def _center(rng: np.random.Generator, size: int, margin: float = 0.05) -> list[f
     return [uniform(rng, (margin * size, (1 - margin) * size)) for _ in range(2)]
 
 
-class Shape:
+class Shape(Sized):
     """Base class: a named mask generator with validated ranges."""
 
     name = ""
@@ -56,7 +56,7 @@ class BezierBlob(Shape):
 
     def get_params(self, rng, size):
         n = integer(rng, self.points_range)
-        radius = uniform(rng, self.scale_range) * size
+        radius = self.size_in(rng, self.scale_range) * size
         aspect = uniform(rng, self.aspect_range)
         theta = uniform(rng, (0, math.pi))
         irr = uniform(rng, self.irregularity_range)
@@ -95,7 +95,7 @@ class BezierStroke(Shape):
 
     def get_params(self, rng, size):
         n = integer(rng, self.points_range)
-        length = uniform(rng, self.length_range) * size
+        length = self.size_in(rng, self.length_range) * size
         bend = uniform(rng, self.bend_range)
         theta = uniform(rng, (0, 2 * math.pi))
         cx, cy = _center(rng, size, 0.1)
@@ -103,7 +103,7 @@ class BezierStroke(Shape):
         normal = np.array([-d[1], d[0]])
         s = np.linspace(-0.5, 0.5, n)[:, None]
         pts = np.array([cx, cy]) + s * length * d + rng.uniform(-1, 1, (n, 1)) * bend * length * normal
-        width = max(1.0, uniform(rng, self.width_range) * size)
+        width = max(1.0, self.size_in(rng, self.width_range) * size)
         return {"points": rounded(pts, 2), "width": round(width, 2)}
 
     @staticmethod
@@ -130,10 +130,10 @@ class GaussianShape(Shape):
 
     def get_params(self, rng, size):
         return {"mean": rounded(_center(rng, size), 2),
-                "sigma": rounded([uniform(rng, self.sigma_range) * size for _ in range(2)], 2),
+                "sigma": rounded([self.size_in(rng, self.sigma_range) * size for _ in range(2)], 2),
                 "theta": round(uniform(rng, (0, math.pi)), 3),
                 "n_points": integer(rng, self.points_range),
-                "grow": round(max(1.0, uniform(rng, self.grow_range) * size), 2),
+                "grow": round(max(1.0, self.size_in(rng, self.grow_range) * size), 2),
                 "seed": sub_seed(rng)}
 
     @staticmethod
@@ -190,7 +190,7 @@ class PerlinShape(Shape):
     def get_params(self, rng, size):
         return {"res": integer(rng, self.res_range), "threshold": round(uniform(rng, self.threshold_range), 3),
                 "center": rounded(_center(rng, size), 2),
-                "window": round(uniform(rng, self.window_range) * size, 2), "seed": sub_seed(rng)}
+                "window": round(self.size_in(rng, self.window_range) * size, 2), "seed": sub_seed(rng)}
 
     @staticmethod
     def render(params, size):
@@ -213,7 +213,7 @@ class Rectangle(Shape):
         self.aspect_range = check_range("rectangle.aspect_range", aspect_range, 0.05, 1)
 
     def get_params(self, rng, size):
-        w = uniform(rng, self.side_range) * size
+        w = self.size_in(rng, self.side_range) * size
         h = max(2.0, w * uniform(rng, self.aspect_range))
         return {"center": rounded(_center(rng, size), 2), "size": rounded([w, h], 2),
                 "angle": round(uniform(rng, (0, 180)), 2)}

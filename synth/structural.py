@@ -8,10 +8,10 @@ import math
 import cv2
 import numpy as np
 
-from .params import check_range, rounded, uniform
+from .params import Sized, check_range, rounded, uniform
 
 
-class Displacement:
+class Displacement(Sized):
     """Push the content under a Gaussian bump of radius `radius` by up to `magnitude` px along `angle`."""
 
     name = "displacement"
@@ -23,7 +23,7 @@ class Displacement:
 
     def get_params(self, rng, size):
         return {"center": rounded([uniform(rng, (0, size)) for _ in range(2)], 2),
-                "radius": round(uniform(rng, self.radius_range) * size, 2),
+                "radius": round(self.size_in(rng, self.radius_range) * size, 2),
                 "magnitude": round(uniform(rng, self.magnitude_range) * size, 2),
                 "angle": round(uniform(rng, (0, 2 * math.pi)), 3), "threshold": self.threshold}
 

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from .appearance import _expand, ramp
-from .params import check_range, rounded, uniform
+from .params import Sized, check_range, extent, rounded, uniform
 from .shapes import BezierBlob, PerlinShape
 
 MAD_SIGMA = 3.0  # the scale that separates "texture" from "shading" in `texture_mad`
@@ -202,7 +202,7 @@ def line_shape(rng, size: int, angle: float, length: float, width: float, bend: 
     return {"kind": "bezier_stroke", "points": rounded(pts, 2), "width": round(width, 2)}
 
 
-class TextureFamilies:
+class TextureFamilies(Sized):
     """Draws the records of the texture-relative families; the engine renders them like every masked family
     (shape -> mask, fill -> what the surface becomes, alpha blend with a narrow soft edge). Their blend is always
     that alpha (a Poisson blend would remove the change they make) and their blob masks are warped half the time,
@@ -238,7 +238,7 @@ class TextureFamilies:
         soft = {"kind": "alpha", "softness": round(uniform(rng, (0.5, 1.5)), 3)}
         if family == "stain":  # large Perlin region, multiplicative shading with a soft ramp into the texture
             shape = {"kind": "perlin", **self.perlin.get_params(rng, size)}
-            shape["window"] = round(uniform(rng, self.stain_window) * size, 2)
+            shape["window"] = round(self.size_in(rng, self.stain_window) * size, 2)
             shape["threshold"] = round(uniform(rng, (0.15, 0.45)), 3)
             return {"family": family, "shape": shape, "warp": None,
                     "fill": {"kind": "gain", **self.stain_gain.get_params(rng, size)}, "blend": soft}
@@ -247,9 +247,8 @@ class TextureFamilies:
             angle = ctx.direction if u < self.line_along else (
                 ctx.direction + math.pi / 2 if u < (1 + self.line_along) / 2 else uniform(rng, (0, math.pi)))
             angle += float(rng.normal(0, 0.05))
-            lo, hi = self.line_width
-            width = max(1.0, math.exp(uniform(rng, (math.log(lo), math.log(hi)))) * size)  # hair-lines to bands
-            length = uniform(rng, self.line_length) * size
+            width = max(1.0, extent(rng, self.line_width) * size)  # hair-lines to bands: always log-uniform
+            length = self.size_in(rng, self.line_length) * size
             shape = line_shape(rng, size, angle, length, width, uniform(rng, (0, 0.08)))
             kind = ("gain", "blur", "shift")[int(rng.choice(3, p=[0.7, 0.15, 0.15]))]
             fill = {"kind": kind, **{"gain": self.gain, "blur": self.blur, "shift": self.shift}[kind]
@@ -261,13 +260,13 @@ class TextureFamilies:
         shape = {"kind": "bezier_blob", **self.blob.get_params(rng, size)}
         if family == "shift" and rng.uniform() < 0.5:  # a band along the texture: a misaligned row of weave
             shape = line_shape(rng, size, ctx.direction, 2 * size,
-                               max(2.0, uniform(rng, (0.03, 0.2)) * size), 0.0)
+                               max(2.0, self.size_in(rng, (0.03, 0.2)) * size), 0.0)
         w = warp.get_params(rng, size) if shape["kind"] == "bezier_blob" and rng.uniform() < 0.5 else None
         return {"family": family, "shape": shape, "warp": w,
                 "fill": {"kind": family, **fill_of[family].get_params(rng, size)}, "blend": soft}
 
 
-class EdgeDefect:
+class EdgeDefect(Sized):
     """A break or burr on the part's edge: a displacement (see `structural.Displacement`) centred on a point of
     the crop's strongest edge, pushing the boundary along its gradient (into the part or out of it)."""
 
@@ -287,7 +286,7 @@ class EdgeDefect:
         i = int(rng.integers(len(pts)))
         sign = 1 if rng.uniform() < 0.5 else -1
         return {"center": [float(pts[i][0]), float(pts[i][1])],
-                "radius": round(uniform(rng, self.radius_range) * size, 2),
+                "radius": round(self.size_in(rng, self.radius_range) * size, 2),
                 "magnitude": round(sign * uniform(rng, self.magnitude_range) * size, 2),
                 "angle": round(float(angles[i]), 3), "threshold": self.threshold}
 

@@ -15,6 +15,7 @@ from conftest import ROOT, textured
 from synth.appearance import AlphaBlend, PoissonBlend, Shade, edge_radius
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
 from synth.generate import generate
+from synth.params import extent
 from core.io import InputError, read_image, read_jsonl
 from synth.shapes import SHAPES, BezierStroke, ElasticWarp
 from synth.structural import Displacement
@@ -134,6 +135,28 @@ def test_displacement_moves_an_edge_inside_its_bump():
     ys, xs = np.nonzero(m)
     assert m.sum() > 20 and np.hypot(xs - 12, ys - 64).max() < 3 * 15
     assert np.array_equal(out[m == 0], crop[m == 0])
+
+
+def test_sizes_are_drawn_log_uniformly_so_small_defects_are_as_common_as_large_ones():
+    rng = np.random.default_rng(0)
+    x = np.array([extent(rng, (0.01, 1.0)) for _ in range(4000)])
+    assert 0.01 <= x.min() and x.max() <= 1.0
+    # every decade equally likely: the median at the geometric mean (0.1), not the midpoint (0.505)
+    assert abs(np.median(x) - 0.1) < 0.015 and abs(np.mean(x < 0.1) - 0.5) < 0.03
+    assert abs(np.mean(x < 0.0316) - 0.25) < 0.03
+    u = [extent(np.random.default_rng(i), (0.0, 0.4)) for i in range(2000)]  # a range from 0: uniform
+    assert abs(np.median(u) - 0.2) < 0.02
+    # a blob's radius follows `synth.sizes`: over a range of 1 : 8, with `log` half the blobs are smaller than a
+    # blob of radius sqrt(1 * 8) = 2.83 units (area ~ radius^2); drawn uniformly, only (2.83 - 1) / 7 = 26 % are
+    ref = math.pi * (math.sqrt(0.02 * 0.16) * 128) ** 2
+    for sizes, below in (("log", 0.5), ("uniform", 0.26)):
+        engine = DefectSynthesizer(SynthConfig(sizes=sizes, params={"bezier_blob": {
+            "scale_range": (0.02, 0.16), "irregularity_range": (0, 0), "aspect_range": (1, 1)}}))
+        blob = engine.shapes["bezier_blob"]
+        areas = np.array([blob.render(blob.get_params(np.random.default_rng(i), 128), 128).sum() for i in range(600)])
+        assert abs(np.mean(areas < ref) - below) < 0.07, sizes
+    with pytest.raises(ValueError, match="sizes: expected uniform or log"):
+        SynthConfig(sizes="big")
 
 
 def test_stroke_width_range_is_validated():
