@@ -1,0 +1,81 @@
+"""Calibrate the models of a finished benchmark again under changed settings, without training them again.
+
+    python benchmarks/recalibrate.py --bench runs/bench_cl --out runs/logcal_s0 -s synth.sizes=log \\
+        --methods evidence,patchcore,hybrid_evidence
+
+For every part folder of --bench (each has a steps.json), copies its model files (each segmenter's best.pt, its
+seeds' too; each baseline's .pt; never last.pt) and steps.json into --out, writes the overrides into each copy's
+stored config, calibrates each copy again from its own held-out OK images (`ensemble.calibrate.calibrate_model_file`,
+what `seg train` and `baseline fit` do at their end), then runs `benchmarks/run.py --reuse` on --out: ensembles
+calibrated again, every method predicted and scored. The trained models are the same, so their maps are (pixel AP
+and AUROC do not move); only the operating points do: a change of calibration measured on the same models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run as bench  # noqa: E402
+from core.modelfile import load_model_file, save_model_file  # noqa: E402
+from ensemble.calibrate import calibrate_model_file  # noqa: E402
+from seg.config import load_config, set_key  # noqa: E402
+
+
+def copy_models(src: Path, dst: Path) -> list[Path]:
+    """The model files (and steps.json, seeds.json) of one part folder copied to `dst`; returns the copied models."""
+    models = []
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if not f.is_file() or rel.parts[0] == "pred":
+            continue
+        if (f.suffix == ".pt" and f.name != "last.pt") or f.name in ("steps.json", "seeds.json"):
+            out = dst / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out)
+            if f.suffix == ".pt":
+                models.append(out)
+    return models
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", required=True, help="a finished `benchmarks/run.py` output folder")
+    ap.add_argument("--out", required=True, help="where the copies, their calibration and the new scores go")
+    ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
+                    help="config override written into every copied model, e.g. -s calibrate.target_overkill=0.1")
+    ap.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="as benchmarks/run.py")
+    ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
+    a = ap.parse_args(argv)
+    load_config(None, a.overrides)  # a misspelt key or a bad value: one line naming it, before any copy
+    src, out = Path(a.bench), Path(a.out)
+    parts = sorted(p.parent for p in src.glob("*/steps.json"))
+    if not parts:
+        raise SystemExit(f"{src}: no part folders (with steps.json) of a benchmark run")
+    if out.resolve() == src.resolve():
+        raise SystemExit("--out: must not be --bench (its models would be recalibrated in place)")
+    sets = []
+    for part in parts:
+        name, _, number = part.name.rpartition("-p")
+        sets.append(f"{name}:{number}")
+        for f in copy_models(part, out / part.name):
+            ckpt = load_model_file(f)
+            for item in a.overrides:
+                k, v = item.split("=", 1)
+                set_key(ckpt["config"], k.strip(), yaml.safe_load(v))
+            save_model_file(f, ckpt)
+            print(f"{f}: calibrated again: {calibrate_model_file(f)['params']}", flush=True)
+    return bench.main(["--reuse", "--out", str(out), "--methods", a.methods, "--sets", ",".join(sets),
+                       "--data-root", a.data_root])
+
+
+if __name__ == "__main__":
+    main()
