@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import run as bench  # noqa: E402
+from core.io import InputError  # noqa: E402
 from core.modelfile import load_model_file, save_model_file  # noqa: E402
 from ensemble.calibrate import calibrate_model_file  # noqa: E402
 from seg.config import load_config, set_key  # noqa: E402
@@ -55,7 +56,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="as benchmarks/run.py")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
     a = ap.parse_args(argv)
-    load_config(None, a.overrides)  # a misspelt key or a bad value: one line naming it, before any copy
+    try:
+        load_config(None, a.overrides)  # a misspelt key or a bad value: one line naming it, before any copy
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     src, out = Path(a.bench), Path(a.out)
     parts = sorted(p.parent for p in src.glob("*/steps.json"))
     if not parts:
@@ -67,12 +71,15 @@ def main(argv=None) -> dict:
         name, _, number = part.name.rpartition("-p")
         sets.append(f"{name}:{number}")
         for f in copy_models(part, out / part.name):
-            ckpt = load_model_file(f)
-            for item in a.overrides:
-                k, v = item.split("=", 1)
-                set_key(ckpt["config"], k.strip(), yaml.safe_load(v))
-            save_model_file(f, ckpt)
-            print(f"{f}: calibrated again: {calibrate_model_file(f)['params']}", flush=True)
+            try:
+                ckpt = load_model_file(f)
+                for item in a.overrides:
+                    k, v = item.split("=", 1)
+                    set_key(ckpt["config"], k.strip(), yaml.safe_load(v))
+                save_model_file(f, ckpt)
+                print(f"{f}: calibrated again: {calibrate_model_file(f)['params']}", flush=True)
+            except (InputError, ValueError) as e:  # e.g. a model whose OK images are not on this machine
+                raise SystemExit(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}") from None
     return bench.main(["--reuse", "--out", str(out), "--methods", a.methods, "--sets", ",".join(sets),
                        "--data-root", a.data_root])
 

@@ -262,3 +262,27 @@ def test_the_lofo_groups_cover_every_default_family_once_and_its_table_subtracts
     md = lofo_markdown({"mode": "quick", "date": "d", "machine": "m", "minutes": 1}, results)
     assert "| UNet | blobs | 0.600 | 0.200 | +0.400 | 0.700 | 0.500 | 0.800 / 0.700 | 0.500 / 0.400 |" in md
     assert "synthetic pixel AP of that group +0.400; real score +0.100" in md
+
+
+def test_recalibrate_copies_the_models_only_and_never_touches_the_run_it_reads(tmp_path):
+    """`benchmarks/recalibrate.py` copies model files (not last.pt, not predictions) before it writes into them,
+    and refuses what it cannot do with one line: a bad override, a folder that is no benchmark run, --out = --bench."""
+    from benchmarks.recalibrate import copy_models, main
+
+    part = tmp_path / "bench" / "aitex-p4"
+    for rel in ("evidence_s0/best.pt", "evidence_s0/last.pt", "patchcore.pt", "pred/patchcore/maps/a.pt",
+                "steps.json", "hybrid_evidence.json"):
+        (part / rel).parent.mkdir(parents=True, exist_ok=True)
+        (part / rel).write_text(rel)
+    models = copy_models(part, tmp_path / "out" / "aitex-p4")
+    got = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["aitex-p4/evidence_s0/best.pt", "aitex-p4/patchcore.pt", "aitex-p4/steps.json"]
+    assert sorted(p.name for p in models) == ["best.pt", "patchcore.pt"]
+    assert (part / "patchcore.pt").read_text() == "patchcore.pt"  # the source stays as it was
+    with pytest.raises(SystemExit, match="synth.sizes must be one of uniform, log"):
+        main(["--bench", str(tmp_path / "bench"), "--out", str(tmp_path / "o2"), "-s", "synth.sizes=big"])
+    with pytest.raises(SystemExit, match="no part folders"):
+        main(["--bench", str(tmp_path), "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match="must not be --bench"):
+        main(["--bench", str(tmp_path / "bench"), "--out", str(tmp_path / "bench")])
+    assert not (tmp_path / "o2").exists()
