@@ -18,8 +18,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -28,7 +26,7 @@ from benchmarks import run as bench  # noqa: E402
 from core.io import InputError  # noqa: E402
 from core.modelfile import load_model_file, save_model_file  # noqa: E402
 from ensemble.calibrate import calibrate_model_file  # noqa: E402
-from seg.config import load_config, set_key  # noqa: E402
+from seg.config import apply_overrides, load_config  # noqa: E402
 
 
 def copy_models(src: Path, dst: Path) -> list[Path]:
@@ -73,9 +71,7 @@ def main(argv=None) -> dict:
         for f in copy_models(part, out / part.name):
             try:
                 ckpt = load_model_file(f)
-                for item in a.overrides:
-                    k, v = item.split("=", 1)
-                    set_key(ckpt["config"], k.strip(), yaml.safe_load(v))
+                apply_overrides(ckpt["config"], a.overrides)
                 save_model_file(f, ckpt)
                 print(f"{f}: calibrated again: {calibrate_model_file(f)['params']}", flush=True)
             except (InputError, ValueError) as e:  # e.g. a model whose OK images are not on this machine

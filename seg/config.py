@@ -153,6 +153,15 @@ def set_key(cfg: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def apply_overrides(cfg: dict, overrides: list[str]) -> None:
+    """Set each `key=value` (dotted key, value parsed as YAML) in `cfg`, unvalidated."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        k, v = item.split("=", 1)
+        set_key(cfg, k.strip(), yaml.safe_load(v))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, part: int | None = None) -> dict:
     """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), validated; errors name the key."""
     raw: dict = {}
@@ -167,11 +176,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise InputError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise InputError(f"{path}: a config must be a mapping of sections")
-    for item in overrides or []:
-        if "=" not in item:
-            raise InputError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
-        k, v = item.split("=", 1)
-        set_key(raw, k.strip(), yaml.safe_load(v))
+    if overrides:
+        apply_overrides(raw, overrides)
         where = f"{where} + overrides"
     if part is not None:
         raw["part"] = part

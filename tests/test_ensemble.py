@@ -554,7 +554,6 @@ def test_a_trimming_ensemble_stores_its_agreement_and_the_oracle_needs_it(tmp_pa
     assert "oracle_score" not in evaluate(tmp_path / "pred", images, tmp_path / "rep2")
 
 
-
 def test_calibration_draws_its_defects_with_the_sizes_the_model_trained_on(ok_dir):
     """`synth.sizes` reaches calibration: with `log` (every scale in the synthesis' ranges as likely) its
     synthetic defects are smaller than with the default uniform draw, from the same seed."""
