@@ -53,6 +53,8 @@ def main(argv=None) -> dict:
                     help="config override written into every copied model, e.g. -s calibrate.target_overkill=0.1")
     ap.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="as benchmarks/run.py")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
+    ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"),
+                    help="as benchmarks/run.py (single models: -s predict.tta=...)")
     a = ap.parse_args(argv)
     try:
         load_config(None, a.overrides)  # a misspelt key or a bad value: one line naming it, before any copy
@@ -77,7 +79,7 @@ def main(argv=None) -> dict:
             except (InputError, ValueError) as e:  # e.g. a model whose OK images are not on this machine
                 raise SystemExit(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}") from None
     return bench.main(["--reuse", "--out", str(out), "--methods", a.methods, "--sets", ",".join(sets),
-                       "--data-root", a.data_root])
+                       "--data-root", a.data_root, "--hybrid-tta", a.hybrid_tta])
 
 
 if __name__ == "__main__":
