@@ -264,6 +264,39 @@ def test_the_lofo_groups_cover_every_default_family_once_and_its_table_subtracts
     assert "synthetic pixel AP of that group +0.400; real score +0.100" in md
 
 
+def test_ab_pairs_each_arm_with_the_first_on_the_same_part_and_seed(tmp_path):
+    """`benchmarks/ab.py` compares an arm with the first arm only on the (part, seed) pairs both have, counts the
+    pairs above and below, and refuses a bad arm with one line before any run."""
+    import json
+
+    from benchmarks.ab import job_folder, main
+
+    def put(part, arm, seed, score, ap):
+        f = job_folder(tmp_path, part, arm, seed) / "results.json"
+        f.parent.mkdir(parents=True)
+        m = {"score": score, "pixel_ap": ap, "pixel_auroc": 0.9, "calibration_loss": 0.01}
+        f.write_text(json.dumps({"results": {part: {"Hybrid": m}}}))
+
+    put("a:1", "base", 0, 0.80, 0.40)
+    put("a:1", "base", 1, 0.70, 0.30)
+    put("a:2", "base", 0, 0.60, 0.20)
+    put("a:1", "new", 0, 0.90, 0.35)
+    put("a:1", "new", 1, 0.60, 0.30)
+    put("a:2", "new", 1, 0.99, 0.99)  # no base run of that pair: not compared
+    s = main(["--arm", "base", "--arm", "new:synth.sizes=log", "--seeds", "0,1", "--sets", "a:1,a:2",
+              "--out", str(tmp_path), "--summary-only"])["Hybrid"]
+    assert s["new"]["pairs"] == 2 and s["new"]["score"] == pytest.approx(0.75)
+    assert s["new"]["score_first"] == pytest.approx(0.75) and s["base"]["score"] == pytest.approx(0.7)
+    assert (s["new"]["score_above"], s["new"]["score_below"]) == (1, 1)
+    assert (s["new"]["pixel_ap_above"], s["new"]["pixel_ap_below"]) == (0, 1)
+    assert "| new | 2 | 0.750 / 0.750 (1 / 1) | 0.325 / 0.350 (0 / 1) |" in (tmp_path / "ab.md").read_text()
+    for arm, msg in (("new:synth.sizes=big", "--arm new: .*synth.sizes must be one of"),
+                     ("new:synth.sizes", "expected key=value"), ("base", "names must differ")):
+        with pytest.raises(SystemExit, match=msg):
+            main(["--arm", "base", "--arm", arm, "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "o2").exists()
+
+
 def test_recalibrate_copies_the_models_only_and_never_touches_the_run_it_reads(tmp_path):
     """`benchmarks/recalibrate.py` copies model files (not last.pt, not predictions) before it writes into them,
     and refuses what it cannot do with one line: a bad override, a folder that is no benchmark run, --out = --bench."""
