@@ -53,6 +53,14 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def _stop(p: subprocess.Popen) -> None:
+    """Kill a run and every step it started (its own process group)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
 def job_folder(out: Path, part: str, arm: str, seed: int) -> Path:
     return out / f"{part.replace(':', '-')}_{arm}_s{seed}"
 
@@ -158,6 +166,8 @@ def main(argv=None) -> dict:
     jobs = [(part, name, ov, seed) for seed in seeds for part in parts for name, ov in arms
             if not a.summary_only and not (job_folder(out, part, name, seed) / "results.json").exists()]
 
+    running: set[subprocess.Popen] = set()
+
     def run(job) -> str:
         part, name, ov, seed = job
         folder = job_folder(out, part, name, seed)
@@ -171,19 +181,29 @@ def main(argv=None) -> dict:
         with open(folder / "ab.log", "w") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                  start_new_session=True)  # its own group: the steps it starts stop with it
+            running.add(p)
             try:
                 rc = p.wait(timeout=left)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                _stop(p)
                 p.wait()
                 return f"{folder.name}: stopped at the deadline (run again to resume)"
+            finally:
+                running.discard(p)
         state = "done" if rc == 0 else f"failed (exit {rc}, see {folder / 'ab.log'})"
         return f"{folder.name}: {state} at {time.monotonic() - start:.0f} s"
 
     print(f"{len(jobs)} runs to do, {max(1, a.jobs)} at a time", flush=True)
-    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+    pool = ThreadPoolExecutor(max(1, a.jobs))
+    try:
         for done in as_completed([pool.submit(run, job) for job in jobs]):
             print(done.result(), flush=True)
+    except KeyboardInterrupt:  # the runs are in groups of their own: stop them too, none left running
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in list(running):
+            _stop(p)
+        raise SystemExit("interrupted: the runs in progress were stopped (run again to resume)") from None
+    pool.shutdown()
     summary = summarise(collect(out, parts, names, seeds), names)
     write_json(out / "ab.json", {"arms": dict(arms), "seeds": seeds, "sets": parts, "summary": summary})
     md = markdown(summary, names)
