@@ -335,7 +335,7 @@ def test_dir(images: Optional[Path], part: Optional[int], data: Optional[Path]) 
 
 
 ImagesOpt = typer.Option(None, "--images", "-i", help="Folder of test images (or --data ROOT --part N).")
-TtaOpt = typer.Option(None, "--tta", help="none | flip | d4")
+TtaOpt = typer.Option(None, "--tta", help="none | flip | d4, or one per model in order (d4,flip)")
 MergeOpt = typer.Option(None, "--merge", help="mean (probabilities) | vote (k-of-n binarised masks)")
 VoteOpt = typer.Option(None, "--vote-k", help="Votes needed with --merge vote (default: majority).")
 WeightsOpt = typer.Option(None, "--weight", help="Per-model weight, in checkpoint order (repeatable).")

@@ -8,7 +8,9 @@ seeds' too; each baseline's .pt; never last.pt) and steps.json into --out, write
 stored config, calibrates each copy again from its own held-out OK images (`ensemble.calibrate.calibrate_model_file`,
 what `seg train` and `baseline fit` do at their end), then runs `benchmarks/run.py --reuse` on --out: ensembles
 calibrated again, every method predicted and scored. The trained models are the same, so their maps are (pixel AP
-and AUROC do not move); only the operating points do: a change of calibration measured on the same models.
+and AUROC do not move, unless a TTA changes); only the operating points do: a change of calibration measured on the
+same models. Without -s the copies keep the calibration they carry, and only the ensembles are calibrated again
+(e.g. `--hybrid-tta d4,flip --methods hybrid_evidence`: the segmenter over d4, PatchCore over flip).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main(argv=None) -> dict:
                     help="config override written into every copied model, e.g. -s calibrate.target_overkill=0.1")
     ap.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="as benchmarks/run.py")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
-    ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"),
+    ap.add_argument("--hybrid-tta", default="flip",
                     help="as benchmarks/run.py (single models: -s predict.tta=...)")
     a = ap.parse_args(argv)
     try:
@@ -71,6 +73,8 @@ def main(argv=None) -> dict:
         name, _, number = part.name.rpartition("-p")
         sets.append(f"{name}:{number}")
         for f in copy_models(part, out / part.name):
+            if not a.overrides:  # nothing changed in the model files: they keep their calibration
+                continue
             try:
                 ckpt = load_model_file(f)
                 apply_overrides(ckpt["config"], a.overrides)

@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from core.metrics import precision_recall  # noqa: E402
 from core.modelfile import model_paths  # noqa: E402
 from ensemble.evaluate import COLUMNS, load_ground_truth, score_folder  # noqa: E402
-from core.io import atomic_write_bytes, competition_dir, read_image, read_json_file, write_json  # noqa: E402
+from core.io import InputError, atomic_write_bytes, competition_dir, read_image, read_json_file, write_json  # noqa: E402
+from ensemble.models import tta_modes  # noqa: E402
 
 # the quick budget trains one seed; the full one trains what the config says (epochs None: the config's)
 QUICK = {"epochs": 4, "seeds": 1, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
@@ -221,13 +222,18 @@ def main(argv=None) -> dict:
                     help="config override for the segmenters' training, e.g. -s synth.min_visibility=0 (repeatable)")
     ap.add_argument("--lofo", action="store_true",
                     help="the leave-one-family-out check instead (benchmarks/lofo.py): lofo.md in --out")
-    ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"),
-                    help="TTA of the hybrid ensembles (single model files use the TTA they store)")
+    ap.add_argument("--hybrid-tta", default="flip",
+                    help="TTA of the hybrid ensembles, one mode or one per model (d4,flip: the segmenter d4, "
+                         "PatchCore flip); single model files use the TTA they store")
     a = ap.parse_args(argv)
     methods = tuple(m.strip() for m in a.methods.split(","))
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad[0]!r} (known: {', '.join(METHODS)})")
+    try:
+        tta_modes(a.hybrid_tta, 2)  # one mode, or one per model of a hybrid (segmenter, PatchCore): d4,flip
+    except InputError as e:
+        raise SystemExit(f"--hybrid-tta: {e}") from None
     b = dict(QUICK if a.quick else FULL)
     if a.epochs is not None:
         b["epochs"] = a.epochs

@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     ap.add_argument("--targets", default="0.01,0.02,0.05,0.1,0.2")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--parts", default=None, help="comma-separated part folders of --bench (default: all)")
-    ap.add_argument("--hybrid-tta", default="flip", choices=("none", "flip", "d4"))
+    ap.add_argument("--hybrid-tta", default="flip", help="as benchmarks/run.py")
     ap.add_argument("--no-balance", action="store_true", help="skip the size-balanced escape variant (faster)")
     a = ap.parse_args(argv)
     targets = [float(t) for t in a.targets.split(",")]

@@ -35,7 +35,7 @@ class ExportGraph(nn.Module):
     def __init__(self, ens: Ensemble):
         super().__init__()
         self.models = nn.ModuleList(ens.models)
-        self.tta = ens.tta
+        self.ttas = ens.ttas
         centers, scales, hc, hs = [], [], [], []
         for norm in ens.norms:
             c, s = norm["pixel"] if norm else (0.0, 1.0)
@@ -51,8 +51,8 @@ class ExportGraph(nn.Module):
 
     def forward(self, x: torch.Tensor):
         maps, heads = [], []
-        for i, model in enumerate(self.models):
-            m, h = tta_mean(model, self.tta, x)
+        for i, (model, t) in enumerate(zip(self.models, self.ttas)):
+            m, h = tta_mean(model, t, x)
             maps.append((m - self.center[i]) / self.scale[i])
             if h is not None:
                 heads.append((h - self.head_center[i]) / self.head_scale[i])

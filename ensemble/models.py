@@ -29,6 +29,17 @@ TTA = {"none": lambda: None,
        "d4": tta.aliases.d4_transform}
 
 
+def tta_modes(mode: str, n: int) -> list[str]:
+    """`tta` for an ensemble of `n` models -> one mode per model: one of TTA for all, or one per model,
+    comma-separated in model order (`d4,flip`: a segmenter trained with rotations beside a PatchCore whose bank
+    holds upright patches only)."""
+    modes = [m.strip() for m in str(mode).split(",")]
+    if any(m not in TTA for m in modes) or len(modes) not in (1, n):
+        raise InputError(f"tta: expected none, flip or d4, or one of them per model, comma-separated ({n} "
+                         f"model(s)), got {mode!r}")
+    return modes * n if len(modes) == 1 else modes
+
+
 def tta_mean(model: torch.nn.Module, transforms, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One model over the TTA passes (`transforms`: a ttach Compose, or None): the mean of the de-augmented mask
     logits (B,H,W) and of the image logits (B,) or None. Shared by `Ensemble` and its ONNX export."""
@@ -77,8 +88,6 @@ class Ensemble:
         windows of up to `window` px a side (0: always tiles of the crop size)."""
         if not models:
             raise InputError("no checkpoint given (--checkpoint PATH, repeatable)")
-        if tta_mode not in TTA:
-            raise InputError(f"tta: expected none, flip or d4, got {tta_mode!r}")
         self.device = resolve_device(device)
         self.models = [place(m, self.device).eval() for m in models]
         self.channels, self.tile, self.paths = channels, tile, [str(p) for p in paths]
@@ -93,8 +102,9 @@ class Ensemble:
         self.vote_k = vote_k if vote_k is not None else n // 2 + 1
         if merge == "vote" and not 1 <= self.vote_k <= n:
             raise InputError(f"vote_k: expected 1..{n}, got {self.vote_k}")
-        self.tta = TTA[tta_mode]()
-        self.tta_mode = tta_mode
+        modes = tta_modes(tta_mode, n)
+        self.ttas = [TTA[m]() for m in modes]  # one ttach Compose (or None) per model
+        self.tta_mode = modes[0] if len(set(modes)) == 1 else ",".join(modes)
         self.batch_size, self.overlap = batch_size, tile_overlap
         self.member_calibrations: list[dict | None] | None = None  # set by `from_checkpoints`
         self.whole = window > 0 and all(getattr(m, "fully_convolutional", False) for m in self.models)
@@ -136,7 +146,7 @@ class Ensemble:
         """x (B,C,T,T) in [0,1] -> per model: (mask logits (B,T,T), image logits (B,) or None), each the mean
         over the TTA passes, before normalisation."""
         x = x.to(self.device)
-        return [tta_mean(model, self.tta, x) for model in self.models]
+        return [tta_mean(model, t, x) for model, t in zip(self.models, self.ttas)]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -202,13 +212,13 @@ class Ensemble:
         layout as `predict`), best of `repeats`: the yardstick for what the rest of the pipeline costs."""
         jobs, canvases = self._layout(images)
         batches = [x for _, x in self._batches(jobs, canvases)]
-        transforms = list(self.tta) if self.tta is not None else [None]
+        passes = [list(t) if t is not None else [None] for t in self.ttas]
         best = 0.0
         for _ in range(repeats + 1):  # the first round warms up
             start = time.perf_counter()
             for x in batches:
                 x = x.to(self.device)
-                for m in self.models:
+                for m, transforms in zip(self.models, passes):
                     for tr in transforms:
                         m(tr.augment_image(x) if tr is not None else x)
             if self.device.type == "cuda":

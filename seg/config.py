@@ -61,6 +61,7 @@ CHOICES = {
     "predict.merge": ("mean", "vote"),
     "synth.sizes": ("uniform", "log"),
 }
+PER_MODEL = ("predict.tta",)  # also a comma-separated list of choices, one per model of an ensemble (d4,flip)
 
 
 # value constraints, checked up front with the key named (before any work or progress bar starts)
@@ -125,7 +126,8 @@ def _check(value, default, key: str, where: str):
                 raise InputError(f"{where}: unknown key {sub!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
             out[k] = _check(v, default.get(k), sub, where)
         return out
-    if key in CHOICES and value not in CHOICES[key]:
+    given = [v.strip() for v in value.split(",")] if key in PER_MODEL and isinstance(value, str) else [value]
+    if key in CHOICES and any(v not in CHOICES[key] for v in given):
         raise InputError(f"{where}: {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
     if default is None or value is None:
         return value

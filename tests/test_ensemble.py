@@ -98,6 +98,47 @@ def test_d4_tta_on_an_equivariant_model_changes_nothing():
     assert np.array_equal(plain["hits"], d4["hits"]) and 0 < plain["hits"].mean() < 1
 
 
+def test_each_model_of_an_ensemble_gets_its_own_tta():
+    """`d4,flip`: the first model over the eight dihedral passes, the second over the flip, each as it would be
+    alone; one mode for all stays one name, and a list of the wrong length or an unknown mode is refused."""
+    from seg.config import load_config
+
+    def directional(seed):
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(1, 1, 5, padding=2, bias=False)  # a random kernel: no symmetry, TTA changes its map
+        return lambda x: {"mask": conv(x), "image": None}
+
+    class Wrap(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x):
+            return self.f(x)
+
+    a, b = Wrap(directional(1)), Wrap(directional(2))
+    img = textured(5)[:128, :128]
+    both = Ensemble([a, b], 1, 128, "cpu", tta_mode="d4,flip").predict([img])[0]["per_model"]
+    alone = [Ensemble([m], 1, 128, "cpu", tta_mode=t).predict([img])[0]["map"] for m, t in ((a, "d4"), (b, "flip"))]
+    other = Ensemble([a], 1, 128, "cpu", tta_mode="flip").predict([img])[0]["map"]
+    assert np.allclose(both[0], alone[0], atol=1e-5) and np.allclose(both[1], alone[1], atol=1e-5)
+    assert np.abs(alone[0] - other).max() > 1e-2  # d4 and flip differ on this model
+    from ensemble.export import ExportGraph  # the graph that goes to ONNX takes the same passes
+
+    ens = Ensemble([a, b], 1, 128, "cpu", tta_mode="d4,flip")
+    x = torch.from_numpy(img).float().div(255)[None, None]
+    with torch.no_grad():
+        assert torch.allclose(ExportGraph(ens)(x), ens.forward(x)[0], atol=1e-5)
+    assert Ensemble([a, b], 1, 128, "cpu", tta_mode="d4,d4").tta_mode == "d4"
+    assert Ensemble([a, b], 1, 128, "cpu", tta_mode="d4, flip").tta_mode == "d4,flip"
+    for bad in ("d4,flip,none", "d4,spin"):
+        with pytest.raises(InputError, match="one of them per model"):
+            Ensemble([a, b], 1, 128, "cpu", tta_mode=bad)
+    assert load_config(None, ["predict.tta=d4,flip"])["predict"]["tta"] == "d4,flip"
+    with pytest.raises(InputError, match="predict.tta"):
+        load_config(None, ["predict.tta=d4,spin"])
+
+
 def test_models_run_channels_last_and_give_the_maps_of_the_default_layout():
     """`place` (training and Ensemble) puts convolution weights in the channels-last layout, the fast one on CPU;
     the maps stay those of the default layout, and a state dict saved from it loads into a plain model."""
