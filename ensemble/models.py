@@ -352,11 +352,14 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
         if value is not None:
             p[key] = value
-    if calibrated_tta is not None and p["tta"] != calibrated_tta and not calibrating:
-        warn(f"--tta {p['tta']}: the thresholds were calibrated with tta {calibrated_tta}; re-calibrate for "
-             "the best operating point")
+    modes = [m.strip() for m in str(p["tta"]).split(",")]
+    if checkpoint and len(modes) == len(checkpoint) != len(paths):  # one mode per -m: a run folder of seeds
+        p["tta"] = ",".join(m for m, c in zip(modes, checkpoint) for _ in model_paths([c]))  # gives it to each
     kw = {"norms": spec["norms"]} if spec else {}
     ens = Ensemble.from_checkpoints(paths, device, tta_mode=p["tta"], merge=p["merge"], vote_k=p["vote_k"],
                                     weights=p["weights"], threshold=p["threshold"], batch_size=p["batch_size"],
                                     tile_overlap=p["tile_overlap"], window=p.get("window", 0), **kw)
+    if calibrated_tta is not None and ens.tta_mode != calibrated_tta and not calibrating:
+        warn(f"--tta {ens.tta_mode}: the thresholds were calibrated with tta {calibrated_tta}; re-calibrate for "
+             "the best operating point")
     return ens, p

@@ -311,3 +311,8 @@ def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_d
     spec = read_json_file(tmp_path / "ens.json")
     assert spec["checkpoints"] == model_paths([run])
     assert len(spec["params"]["shape"]) == 2  # each seed's own threshold: masks trimmed to where both agree
+    from ensemble.models import build_ensemble
+
+    one = run / "seed3" / "best.pt"  # a TTA per -m: a run folder of seeds gives its mode to each of its models
+    ens, _ = build_ensemble([run, one], None, "d4,flip", None, None, None, {}, "cpu", calibrating=True)
+    assert ens.tta_mode == "d4,d4,flip" and len(ens.models) == 3
