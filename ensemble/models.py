@@ -20,6 +20,7 @@ import ttach as tta
 
 from core.device import place, resolve_device
 from core.modelfile import load_model_file, model_paths, run_seeds
+from seg.config import per_model
 from seg.models import model_from_config
 from core.io import InputError
 
@@ -33,7 +34,7 @@ def tta_modes(mode: str, n: int) -> list[str]:
     """`tta` for an ensemble of `n` models -> one mode per model: one of TTA for all, or one per model,
     comma-separated in model order (`d4,flip`: a segmenter trained with rotations beside a PatchCore whose bank
     holds upright patches only)."""
-    modes = [m.strip() for m in str(mode).split(",")]
+    modes = per_model(str(mode))
     if any(m not in TTA for m in modes) or len(modes) not in (1, n):
         raise InputError(f"tta: expected none, flip or d4, or one of them per model, comma-separated ({n} "
                          f"model(s)), got {mode!r}")
@@ -352,7 +353,7 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     for key, value in {"tta": tta, "merge": merge, "vote_k": vote_k, "weights": weights, **overrides}.items():
         if value is not None:
             p[key] = value
-    modes = [m.strip() for m in str(p["tta"]).split(",")]
+    modes = per_model(str(p["tta"]))
     if checkpoint and len(modes) == len(checkpoint) != len(paths):  # one mode per -m: a run folder of seeds
         p["tta"] = ",".join(m for m, c in zip(modes, checkpoint) for _ in model_paths([c]))  # gives it to each
     kw = {"norms": spec["norms"]} if spec else {}

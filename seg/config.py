@@ -64,6 +64,11 @@ CHOICES = {
 PER_MODEL = ("predict.tta",)  # also a comma-separated list of choices, one per model of an ensemble (d4,flip)
 
 
+def per_model(value) -> list:
+    """A PER_MODEL value as its list: `d4, flip` -> ["d4", "flip"]; a non-string value stays one entry."""
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
+
+
 # value constraints, checked up front with the key named (before any work or progress bar starts)
 POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch_size", "train.lr", "train.val_n",
             "predict.batch_size", "calibrate.normal_crops", "calibrate.synth_n", "model.normal_crops",
@@ -126,7 +131,7 @@ def _check(value, default, key: str, where: str):
                 raise InputError(f"{where}: unknown key {sub!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
             out[k] = _check(v, default.get(k), sub, where)
         return out
-    given = [v.strip() for v in value.split(",")] if key in PER_MODEL and isinstance(value, str) else [value]
+    given = per_model(value) if key in PER_MODEL else [value]
     if key in CHOICES and any(v not in CHOICES[key] for v in given):
         raise InputError(f"{where}: {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
     if default is None or value is None:
