@@ -215,13 +215,14 @@ def seg_train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
     calibrate: bool = typer.Option(True, help="Calibrate best.pt on held-out OK images at the end."),
     seeds: Optional[int] = typer.Option(None, min=1, help="Overrides train.seeds: train this many models, with "
-                                        "seeds train.seed, +1, ..., each in <out>/seed<S>/ (one ensemble)."),
+                                        "seeds train.seed, +1, ..., each in <out>/seed<S>/ (one ensemble); on a CPU "
+                                        "side by side (train.jobs)."),
 ):
     """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
     calibrate best.pt's thresholds on the held-out OK images."""
     from core.io import write_json
     from core.modelfile import SEEDS_FILE, run_seeds
-    from seg.train import train
+    from seg.train import seed_plan, train
 
     with user_errors():
         cfg = load(config, set_, part, data)
@@ -250,35 +251,101 @@ def seg_train(
         if resume and order != planned:
             console.print(f"resuming the run in {base}: " + (f"seeds {order}" if len(order) > 1 else "one model"),
                           highlight=False)
-        for c in runs:
-            if len(runs) > 1:
-                console.print(f"seed {c['train']['seed']} -> {c['train']['out']}")
-            summary = train(c, resume=resume, log=lambda m: console.print(m, highlight=False),
-                            progress=Bar, warn=warn)
-            console.print(f"best {c['train']['metric']} {summary['best']:.4f} at epoch {summary['best_epoch']}; "
-                          f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
-            if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
-                calibrate_file(Path(summary["out"]) / "best.pt")
+        jobs, threads = seed_plan(cfg, len(runs))
+        if jobs > 1:  # side by side, each seed in a process of its own (core.workers.run_each)
+            _train_side_by_side(runs, resume, calibrate, jobs, threads)
+        else:
+            for c in runs:
+                if len(runs) > 1:
+                    console.print(f"seed {c['train']['seed']} -> {c['train']['out']}")
+                summary = train(c, resume=resume, log=lambda m: console.print(m, highlight=False),
+                                progress=Bar, warn=warn)
+                console.print(_trained(c, summary))
+                if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
+                    calibrate_file(Path(summary["out"]) / "best.pt")
         if len(runs) > 1:
             console.print(f"{len(runs)} models in {base}; as one hybrid with PatchCore: ensemble calibrate -m {base} "
                           "-m PATCHCORE.pt --tta flip -o hybrid.json")
 
 
-def calibrate_file(path: Path) -> None:
+def _trained(c: dict, summary: dict) -> str:
+    return (f"best {c['train']['metric']} {summary['best']:.4f} at epoch {summary['best_epoch']}; "
+            f"{summary['epochs']} epochs in {summary['seconds']:.0f}s; checkpoints in {summary['out']}")
+
+
+def _done_epochs(out: Path) -> int:
+    """Epochs a run folder has finished (rows of its metrics.csv), for a resumed run's progress bar."""
+    try:
+        return max(0, len((out / "metrics.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def _train_seed(c: dict, resume: bool, calibrate: bool) -> list[tuple[str, str]]:
+    """One seed of `seg train --seeds N` in a process of its own: its log goes to <out>/train.log, its progress to
+    the parent's bar; returns what the parent prints, as (kind, text), kind "info" or "warn"."""
+    from core.workers import ReportBar
+    from seg.train import train
+
+    out = Path(c["train"]["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[tuple[str, str]] = []
+    with open(out / "train.log", "a", encoding="utf-8") as f:
+        def log(m: str) -> None:
+            print(m, file=f, flush=True)
+
+        def note(kind: str, m: str) -> None:
+            log(m if kind == "info" else f"warning: {m}")
+            notes.append((kind, m))
+
+        summary = train(c, resume=resume, log=log, progress=ReportBar, warn=lambda m: note("warn", m))
+        note("info", _trained(c, summary))
+        if calibrate:
+            calibrate_file(out / "best.pt", note)
+    return notes
+
+
+def _train_side_by_side(runs: list[dict], resume: bool, calibrate: bool, jobs: int, threads: int) -> None:
+    """`seg train --seeds N` on a CPU: `jobs` seeds at a time, `threads` threads each (seg.train.seed_plan)."""
+    from core.workers import run_each
+
+    t = runs[0]["train"]
+    total = sum((t["epochs"] - (_done_epochs(Path(c["train"]["out"])) if resume else 0)) * t["steps_per_epoch"]
+                for c in runs)
+    console.print(f"{len(runs)} seeds, {jobs} at a time with {threads} CPU thread{'s' * (threads > 1)} each "
+                  f"(train.jobs); each seed's log in {Path(t['out']).parent}/seed<S>/train.log", highlight=False)
+    with Bar(f"train {len(runs)} seeds", max(total, 0)) as bar:
+        results = run_each(_train_seed, [(c, resume, calibrate) for c in runs], jobs, threads, progress=bar,
+                           describe=lambda call: f"seed {call[0]['train']['seed']} ({call[0]['train']['out']})")
+    for c, notes in zip(runs, results):
+        for kind, text in notes:
+            _say(kind, f"seed {c['train']['seed']}: {text}")
+
+
+def _say(kind: str, text: str) -> None:
+    """A line for the console: a warning (kind "warn") or plain information."""
+    if kind == "warn":
+        warn(text)
+    else:
+        console.print(text, highlight=False)
+
+
+def calibrate_file(path: Path, say=_say) -> None:
     """Calibrate a freshly written model file from its own config's held-out OK images (a failure only warns:
-    the model stays, `ensemble calibrate` can do it later)."""
+    the model stays, `ensemble calibrate` can do it later). `say(kind, text)`: where the lines go (kind "info"
+    or "warn"; by default this console)."""
     from ensemble.calibrate import calibrate_model_file, sheet_path
 
     try:
-        r = calibrate_model_file(path, warn=warn)
+        r = calibrate_model_file(path, warn=lambda m: say("warn", m))
     except (InputError, ValueError) as e:
-        warn(f"{path}: not calibrated ({e}); run `ensemble calibrate` on it")
+        say("warn", f"{path}: not calibrated ({e}); run `ensemble calibrate` on it")
         return
     p, rep = r["params"], r["report"]
-    console.print(f"calibrated on {r['normal_crops']} held-out normal crops + synthetic defects: pixel threshold "
-                  f"{p['threshold']:.3g}, image threshold {p['image_threshold']:.3g}, min_area {p['min_area']} "
-                  f"(target overkill {r['target_overkill']:.0%}, synthetic escape {rep['synthetic_escape']:.2f}) "
-                  f"-> stored in {path} (what set it: {sheet_path(path)})", highlight=False)
+    say("info", f"calibrated on {r['normal_crops']} held-out normal crops + synthetic defects: pixel threshold "
+                f"{p['threshold']:.3g}, image threshold {p['image_threshold']:.3g}, min_area {p['min_area']} "
+                f"(target overkill {r['target_overkill']:.0%}, synthetic escape {rep['synthetic_escape']:.2f}) "
+                f"-> stored in {path} (what set it: {sheet_path(path)})")
 
 
 @seg_app.command("convert")

@@ -10,6 +10,9 @@ workers. A worker that dies (killed, out of memory) or returns nothing for `stal
 `WorkerError` naming its items; results already yielded stay with the caller (a rerun resumes). A death fails
 every chunk in flight, so those are redone one by one, each in a worker of its own: the good ones are delivered
 and the error names the chunk that kills its worker, however the chunks were scheduled.
+
+`run_each` runs a few long calls side by side (one model a seed), each in a process of its own with a share of the
+threads, and relays their progress to the parent's progress bar.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import threading
+import time
+import traceback
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_any
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .io import InputError
@@ -138,3 +145,121 @@ def _stop(ex: ProcessPoolExecutor) -> None:
             p.kill()
     for p in procs:
         p.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------- long calls side by side
+_REPORT = None  # in a `run_each` child: the queue to the parent
+
+
+def _orphaned(parent: int) -> None:
+    """In a `run_each` child: end this process once the parent that waits for it is gone (killed), instead of
+    working on for nobody (what it finished stays on disk)."""
+    while True:
+        time.sleep(2)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+
+
+def _child(fn: Callable, args: tuple, q, threads: int, index: int, parent: int) -> None:
+    """A `run_each` call in its own process: thread limits, then `fn(*args)`; its result or its error (with the
+    traceback's text) goes to the parent through `q`."""
+    global _REPORT
+    _REPORT = q
+    threading.Thread(target=_orphaned, args=(parent,), daemon=True).start()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import cv2
+    import torch
+
+    cv2.setNumThreads(threads)
+    torch.set_num_threads(threads)
+    try:
+        q.put(("done", index, fn(*args)))
+    except BaseException as e:  # noqa: BLE001 - every failure goes to the parent, which raises it
+        text = traceback.format_exc()
+        try:
+            q.put(("error", index, e, text))
+        except Exception:  # an exception that does not pickle: its text
+            q.put(("error", index, RuntimeError(f"{type(e).__name__}: {e}"), text))
+
+
+def report(k: int = 1) -> None:
+    """In a `run_each` child: advance the parent's progress by k (a no-op elsewhere)."""
+    if _REPORT is not None:
+        _REPORT.put(("progress", k))
+
+
+class ReportBar:
+    """A progress-bar factory for code running in a `run_each` child: `bar(k, **fields)` reports k to the parent
+    (the fields, a live loss, stay in the child)."""
+
+    def __init__(self, description: str, total: int):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __call__(self, k: int = 1, **fields) -> None:
+        report(k)
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an error raised in a child process (the `__cause__` of the error raised again here)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def run_each(fn: Callable, calls: Sequence[tuple], workers: int, threads: int,
+             progress: Callable[[int], None] | None = None, describe: Callable[[tuple], str] = str,
+             stall_seconds: float | None = None) -> list:
+    """`fn(*call)` for every call, `workers` at a time, each in a fresh process (`forkserver` or `spawn`) limited
+    to `threads` threads; results in call order. A child advances `progress` through `report` (or a `ReportBar`).
+    A child's error is raised here as it was raised there (an `InputError` stays one line); a child that dies is a
+    `WorkerError` naming its call, one that reports nothing for `stall_seconds` one naming the calls running. The
+    first failure stops the other children (what they finished, e.g. checkpoints, stays on disk for a resume)."""
+    stall = STALL_SECONDS if stall_seconds is None else stall_seconds
+    ctx = context()
+    q = ctx.SimpleQueue()  # a put is in the pipe before the child exits: nothing is lost at the end
+    pending, running, results = list(range(len(calls))), {}, {}
+    try:
+        last = time.monotonic()
+        while pending or running:
+            while pending and len(running) < max(1, workers):
+                i = pending.pop(0)
+                # not daemonic: a child may start workers of its own (train.workers)
+                running[i] = ctx.Process(target=_child, args=(fn, tuple(calls[i]), q, threads, i, os.getpid()))
+                running[i].start()
+            exited = [i for i, p in running.items() if p.exitcode is not None]  # before reading: their last words
+            while not q.empty():  # are in the pipe by now
+                msg = q.get()
+                last = time.monotonic()
+                if msg[0] == "progress":
+                    if progress is not None:
+                        progress(msg[1])
+                elif msg[0] == "done":
+                    results[msg[1]] = msg[2]
+                else:
+                    _, i, err, text = msg
+                    raise err from RemoteTraceback(text)
+            for i in exited:
+                running.pop(i).join()
+                if i not in results:
+                    raise WorkerError(f"the process of {describe(calls[i])} died (killed, out of memory, or failed "
+                                      "to start); finished work is kept, rerun with --resume to continue")
+            if time.monotonic() - last > stall:
+                raise WorkerError(f"no progress for {stall:.0f} s on {', '.join(describe(calls[i]) for i in running)}"
+                                  "; finished work is kept, rerun with --resume to continue")
+            if running:  # until a child ends or a quarter of a second passes
+                wait_any([p.sentinel for p in running.values()], timeout=0.25)
+        return [results[i] for i in range(len(calls))]
+    finally:
+        for p in running.values():
+            p.kill()
+        for p in running.values():
+            p.join(timeout=5)
+        q.close()

@@ -32,7 +32,8 @@ DEFAULTS: dict = {
         "augment": {"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.3, "noise": 0.2, "blur": 0.1,
                     "shift": 0.2},
         "val_n": 192, "val_seed": 12345, "val_dir": None, "metric": "score", "early_stopping": 0, "ema": 0.0,
-        "workers": 0, "seed": 0, "seeds": 1, "device": "auto", "amp": True, "out": "runs/part1", "synth_dir": None,
+        "workers": 0, "seed": 0, "seeds": 1, "jobs": 0, "device": "auto", "amp": True, "out": "runs/part1",
+        "synth_dir": None,
     },
     "baseline": {
         "backbone": "tf_efficientnet_lite0", "weights": "lite", "n_train": 300, "n_val": 100, "seed": 0,
@@ -75,8 +76,8 @@ POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch
             "baseline.n_train", "baseline.n_val", "baseline.padim_dims", "baseline.ae_steps", "baseline.ae_batch",
             "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")
 NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.aux_loss_weight",
-                "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs", "predict.min_area",
-                "predict.opening", "predict.tile_overlap", "predict.window")
+                "train.jobs", "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs",
+                "predict.min_area", "predict.opening", "predict.tile_overlap", "predict.window")
 UNIT = ("data.holdout", "train.ema", "calibrate.target_overkill", "model.coreset_ratio", "baseline.coreset_ratio",
         "train.curriculum.start", "train.curriculum.end", *(f"train.augment.{k}" for k in DEFAULTS["train"]["augment"]))
 EXISTING = ("data.ok_dir", "data.test_dir", "train.val_dir", "train.synth_dir")

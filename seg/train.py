@@ -394,3 +394,17 @@ class Trainer:
 
 def train(cfg: dict, resume: bool = False, log=print, progress=None, warn=None) -> dict:
     return Trainer(cfg, log, progress, warn).fit(resume)
+
+
+def seed_plan(cfg: dict, n: int) -> tuple[int, int]:
+    """(models trained at a time, CPU threads each) for `n` seeds (`seg train --seeds N`): `train.jobs`, or with 0
+    (auto) on a CPU as many as this process has threads (one thread each at least: on 2 cores two seeds take
+    about the time of one, README), on CUDA or under torchrun one at a time with every thread."""
+    threads = torch.get_num_threads()
+    jobs = cfg["train"]["jobs"]
+    if n <= 1 or "RANK" in os.environ:
+        return 1, threads
+    if jobs == 0:
+        jobs = threads if resolve_device(cfg["train"]["device"]).type == "cpu" else 1
+    jobs = max(1, min(jobs, n))
+    return jobs, max(1, threads // jobs)

@@ -75,6 +75,24 @@ def test_a_pool_broken_between_two_chunks_fails_the_next_chunk_instead_of_raisin
         _stop(ex)
 
 
+def test_calls_side_by_side_relay_their_progress_and_end_at_the_first_failure():
+    """`run_each` (seeds trained side by side): results in call order, each child limited to its threads, every
+    report relayed; a bad input in one child is that one line here, and a child that dies is named; either way
+    the other child, still sleeping, is not waited for."""
+    from core.workers import run_each
+
+    seen: list[int] = []
+    assert run_each(work.reports_then_squares, [(3,), (1,), (2,)], 2, 1, progress=seen.append) == \
+        [(9, 1), (1, 1), (4, 1)]
+    assert sum(seen) == 6
+    t = time.perf_counter()
+    with pytest.raises(InputError, match=r"^seed 1: bad input$"):
+        run_each(work.fails_or_sleeps, [(120,), ("seed 1: bad input",)], 2, 1)
+    with pytest.raises(WorkerError, match=r"^the process of call \(None,\) died"):
+        run_each(work.dies_or_sleeps, [(120,), (None,)], 2, 1, describe=lambda c: f"call {c}")
+    assert time.perf_counter() - t < 60
+
+
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=-3", "train.batch_size must be positive"),
@@ -284,6 +302,49 @@ def test_resume_follows_the_run_in_out_not_the_seed_count_of_todays_config(ok_di
         assert r.returncode == 2 and f"{out / went_for}: not a readable model file" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt")) \
             == sorted(files) and all((out / f).read_bytes() == b"kept" for f in files)
+
+
+def test_seeds_go_side_by_side_on_a_cpu_with_the_threads_shared(monkeypatch):
+    """`train.jobs` 0 (auto): on a CPU as many seeds at a time as there are threads, each with its share; one at a
+    time on CUDA, under torchrun, for one seed, or when asked (`train.jobs=1`)."""
+    from seg.train import seed_plan
+
+    cfg = load_config(None, [])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert seed_plan(cfg, 2) == (2, 2) and seed_plan(cfg, 3) == (3, 1) and seed_plan(cfg, 8) == (4, 1)
+        assert seed_plan(cfg, 1) == (1, 4)
+        assert seed_plan(load_config(None, ["train.jobs=1"]), 2) == (1, 4)
+        assert seed_plan(load_config(None, ["train.jobs=2"]), 3) == (2, 2)
+        torch.set_num_threads(1)
+        assert seed_plan(cfg, 2) == (1, 1) and seed_plan(load_config(None, ["train.jobs=2"]), 2) == (2, 1)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert seed_plan(cfg, 2) == (1, 1)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("RANK", "0")
+        assert seed_plan(load_config(None, ["train.jobs=2"]), 2) == (1, 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_seeds_trained_side_by_side_equal_seeds_trained_one_after_the_other(ok_dir, tmp_path):
+    """`train.jobs=2`: each seed in a process of its own, with its share of the threads (here 1 each, as
+    one after the other under OMP_NUM_THREADS=1): the same weights, bit for bit, only sooner; each seed's log in
+    its folder, the summary lines in the parent's output."""
+    args = ["seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.epochs=2", "-s", "train.seeds=2",
+            "--no-calibrate"]
+    for jobs in (1, 2):
+        r = subprocess.run(cli(*args, "-s", f"train.jobs={jobs}", "-o", tmp_path / f"j{jobs}"), capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("2 seeds, 2 at a time with 1 CPU thread each" in r.stderr) == (jobs == 2)
+    assert "seed 1: best score" in r.stderr and "best score" in (tmp_path / "j2" / "seed1" / "train.log").read_text()
+    for s in (0, 1):
+        a, b = (load_model_file(tmp_path / f"j{j}" / f"seed{s}" / "last.pt")["model"] for j in (1, 2))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_model_file(tmp_path / "j2" / f"seed{s}" / "last.pt")["model"] for s in (0, 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two seeds, two models
 
 
 def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_dir, tmp_path):

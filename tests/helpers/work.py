@@ -28,3 +28,30 @@ def slow_first_dies_on_five(chunk: list[int]) -> list[int]:
     if 0 in chunk:
         time.sleep(1.5)
     return dies_on_five(chunk)
+
+
+def reports_then_squares(n: int) -> tuple[int, int]:
+    """A `run_each` call: n progress reports, then n*n and the threads it was given."""
+    import torch
+
+    from core.workers import report
+
+    for _ in range(n):
+        report(1)
+    return n * n, torch.get_num_threads()
+
+
+def fails_or_sleeps(what) -> None:
+    """A `run_each` call: a string is a bad input (an InputError with that text), a number seconds of sleep."""
+    from core.io import InputError
+
+    if isinstance(what, str):
+        raise InputError(what)
+    time.sleep(what)
+
+
+def dies_or_sleeps(seconds) -> None:
+    """A `run_each` call: None kills its own process, a number sleeps that long."""
+    if seconds is None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(seconds)
