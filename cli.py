@@ -305,21 +305,28 @@ def _train_seed(c: dict, resume: bool, calibrate: bool) -> list[tuple[str, str]]
     return notes
 
 
+SEED_STALL_SECONDS = 1800
+
+
 def _train_side_by_side(runs: list[dict], resume: bool, calibrate: bool, jobs: int, threads: int) -> None:
     """`seg train --seeds N` on a CPU: `jobs` seeds at a time, `threads` threads each (seg.train.seed_plan)."""
     from core.workers import run_each
 
     t = runs[0]["train"]
-    total = sum((t["epochs"] - (_done_epochs(Path(c["train"]["out"])) if resume else 0)) * t["steps_per_epoch"]
-                for c in runs)
+    left = [max(0, t["epochs"] - (_done_epochs(Path(c["train"]["out"])) if resume else 0)) for c in runs]
+    total = sum(left) * t["steps_per_epoch"]
     console.print(f"{len(runs)} seeds, {jobs} at a time with {threads} CPU thread{'s' * (threads > 1)} each "
                   f"(train.jobs); each seed's log in {Path(t['out']).parent}/seed<S>/train.log", highlight=False)
-    with Bar(f"train {len(runs)} seeds", max(total, 0)) as bar:
-        results = run_each(_train_seed, [(c, resume, calibrate) for c in runs], jobs, threads, progress=bar,
-                           describe=lambda call: f"seed {call[0]['train']['seed']} ({call[0]['train']['out']})")
-    for c, notes in zip(runs, results):
-        for kind, text in notes:
-            _say(kind, f"seed {c['train']['seed']}: {text}")
+    with Bar(f"train {len(runs)} seeds", total) as bar:
+        def finished(i: int, notes: list) -> None:  # as each seed ends: a later failure loses none of it
+            for kind, text in notes:
+                _say(kind, f"seed {runs[i]['train']['seed']}: {text}")
+
+        # validation, the normal model's fit and calibration report no steps: a stall is only declared after
+        # SEED_STALL_SECONDS without one
+        run_each(_train_seed, [(c, resume, calibrate) for c in runs], jobs, threads, progress=bar,
+                 describe=lambda call: f"seed {call[0]['train']['seed']} ({call[0]['train']['out']})",
+                 stall_seconds=SEED_STALL_SECONDS, done=finished)
 
 
 def _say(kind: str, text: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import sys
 import threading
 import time
@@ -158,7 +159,7 @@ def _orphaned(parent: int) -> None:
         time.sleep(2)
         try:
             os.kill(parent, 0)
-        except ProcessLookupError:
+        except OSError:  # gone (or its number already another user's process)
             os._exit(1)
 
 
@@ -179,9 +180,10 @@ def _child(fn: Callable, args: tuple, q, threads: int, index: int, parent: int) 
     except BaseException as e:  # noqa: BLE001 - every failure goes to the parent, which raises it
         text = traceback.format_exc()
         try:
-            q.put(("error", index, e, text))
-        except Exception:  # an exception that does not pickle: its text
-            q.put(("error", index, RuntimeError(f"{type(e).__name__}: {e}"), text))
+            pickle.loads(pickle.dumps(e))  # it must also be rebuilt on the other side
+        except Exception:  # an exception that does not travel: its text, an InputError still one line
+            e = (InputError if isinstance(e, InputError) else RuntimeError)(f"{type(e).__name__}: {e}")
+        q.put(("error", index, e, text))
 
 
 def report(k: int = 1) -> None:
@@ -216,12 +218,13 @@ class RemoteTraceback(Exception):
 
 def run_each(fn: Callable, calls: Sequence[tuple], workers: int, threads: int,
              progress: Callable[[int], None] | None = None, describe: Callable[[tuple], str] = str,
-             stall_seconds: float | None = None) -> list:
+             stall_seconds: float | None = None, done: Callable[[int, object], None] | None = None) -> list:
     """`fn(*call)` for every call, `workers` at a time, each in a fresh process (`forkserver` or `spawn`) limited
     to `threads` threads; results in call order. A child advances `progress` through `report` (or a `ReportBar`).
     A child's error is raised here as it was raised there (an `InputError` stays one line); a child that dies is a
     `WorkerError` naming its call, one that reports nothing for `stall_seconds` one naming the calls running. The
-    first failure stops the other children (what they finished, e.g. checkpoints, stays on disk for a resume)."""
+    first failure stops the other children (what they finished, e.g. checkpoints, stays on disk for a resume).
+    `done(index, result)` is called as each call finishes, so what finished before a failure is not lost."""
     stall = STALL_SECONDS if stall_seconds is None else stall_seconds
     ctx = context()
     q = ctx.SimpleQueue()  # a put is in the pipe before the child exits: nothing is lost at the end
@@ -232,8 +235,9 @@ def run_each(fn: Callable, calls: Sequence[tuple], workers: int, threads: int,
             while pending and len(running) < max(1, workers):
                 i = pending.pop(0)
                 # not daemonic: a child may start workers of its own (train.workers)
-                running[i] = ctx.Process(target=_child, args=(fn, tuple(calls[i]), q, threads, i, os.getpid()))
-                running[i].start()
+                p = ctx.Process(target=_child, args=(fn, tuple(calls[i]), q, threads, i, os.getpid()))
+                p.start()
+                running[i] = p
             exited = [i for i, p in running.items() if p.exitcode is not None]  # before reading: their last words
             while not q.empty():  # are in the pipe by now
                 msg = q.get()
@@ -243,6 +247,8 @@ def run_each(fn: Callable, calls: Sequence[tuple], workers: int, threads: int,
                         progress(msg[1])
                 elif msg[0] == "done":
                     results[msg[1]] = msg[2]
+                    if done is not None:
+                        done(msg[1], msg[2])
                 else:
                     _, i, err, text = msg
                     raise err from RemoteTraceback(text)

@@ -76,15 +76,16 @@ def test_a_pool_broken_between_two_chunks_fails_the_next_chunk_instead_of_raisin
 
 
 def test_calls_side_by_side_relay_their_progress_and_end_at_the_first_failure():
-    """`run_each` (seeds trained side by side): results in call order, each child limited to its threads, every
-    report relayed; a bad input in one child is that one line here, and a child that dies is named; either way
-    the other child, still sleeping, is not waited for."""
+    """`run_each` (seeds trained side by side): results in call order, each handed to `done` as it finishes, each
+    child limited to its threads, every report relayed; a bad input in one child is that one line here, and a
+    child that dies is named; either way the other child, still sleeping, is not waited for."""
     from core.workers import run_each
 
     seen: list[int] = []
-    assert run_each(work.reports_then_squares, [(3,), (1,), (2,)], 2, 1, progress=seen.append) == \
-        [(9, 1), (1, 1), (4, 1)]
-    assert sum(seen) == 6
+    finished: dict = {}
+    assert run_each(work.reports_then_squares, [(3,), (1,), (2,)], 2, 1, progress=seen.append,
+                    done=finished.__setitem__) == [(9, 1), (1, 1), (4, 1)]
+    assert sum(seen) == 6 and finished == {0: (9, 1), 1: (1, 1), 2: (4, 1)}
     t = time.perf_counter()
     with pytest.raises(InputError, match=r"^seed 1: bad input$"):
         run_each(work.fails_or_sleeps, [(120,), ("seed 1: bad input",)], 2, 1)
@@ -320,11 +321,11 @@ def test_seeds_go_side_by_side_on_a_cpu_with_the_threads_shared(monkeypatch):
         assert seed_plan(cfg, 1) == (1, 4)
         assert seed_plan(load_config(None, ["train.jobs=1"]), 2) == (1, 4)
         assert seed_plan(load_config(None, ["train.jobs=2"]), 3) == (2, 2)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert seed_plan(cfg, 2) == (1, 4)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         torch.set_num_threads(1)
         assert seed_plan(cfg, 2) == (1, 1) and seed_plan(load_config(None, ["train.jobs=2"]), 2) == (2, 1)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        assert seed_plan(cfg, 2) == (1, 1)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setenv("RANK", "0")
         assert seed_plan(load_config(None, ["train.jobs=2"]), 2) == (1, 1)
     finally:
