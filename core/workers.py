@@ -169,12 +169,10 @@ def _child(fn: Callable, args: tuple, q, threads: int, index: int, parent: int) 
     global _REPORT
     _REPORT = q
     threading.Thread(target=_orphaned, args=(parent,), daemon=True).start()
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import cv2
-    import torch
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # this share, not the parent's setting that the child inherits
+    import torch  # noqa: F401 - loaded first, so that limit_threads sets its threads too
 
-    cv2.setNumThreads(threads)
-    torch.set_num_threads(threads)
+    limit_threads(threads)
     try:
         q.put(("done", index, fn(*args)))
     except BaseException as e:  # noqa: BLE001 - every failure goes to the parent, which raises it
