@@ -135,7 +135,8 @@ def parse_sets(sets: str | None, data: str | None, part: int, data_root: str) ->
 def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool, log,
             hybrid_tta: str = "flip", overrides: tuple[str, ...] = ()) -> dict:
     """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}.
-    `overrides` (key=value) go to every segmenter's training, e.g. synth.families={...}."""
+    `overrides` (key=value) go to every model: each segmenter's training and each baseline's fit, e.g.
+    synth.families={...} or data.holdout=0.3 (a hybrid's models then share one held-out split)."""
     out.mkdir(parents=True, exist_ok=True)
     test_images = competition_dir(data, part, "TC_Images")
     common = ["-c", CONFIG, "--part", str(part), "--data", data]
@@ -166,7 +167,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             files[method] = out / f"{method}.pt"
             step(f"fit_{method}", ["baseline", "fit", "--method", method, *common, "-o", str(files[method]),
                                    "-s", f"baseline.n_train={b['n_train']}",
-                                   "-s", f"baseline.ae_steps={b['ae_steps']}"],
+                                   "-s", f"baseline.ae_steps={b['ae_steps']}",
+                                   *[x for o in overrides for x in ("-s", o)]],
                  files[method])
     truth = load_ground_truth(test_images)
     image_paths, stems, gt = truth
@@ -219,7 +221,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=None,
                     help="the segmenters' epochs (default: the config's; 4 with --quick)")
     ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
-                    help="config override for the segmenters' training, e.g. -s synth.min_visibility=0 (repeatable)")
+                    help="config override for every model (segmenters' training, baselines' fit), e.g. -s "
+                         "data.holdout=0.3 (repeatable)")
     ap.add_argument("--lofo", action="store_true",
                     help="the leave-one-family-out check instead (benchmarks/lofo.py): lofo.md in --out")
     ap.add_argument("--hybrid-tta", default="flip",
@@ -284,7 +287,7 @@ def results_markdown(meta: dict, per_set: dict) -> str:
     mode = meta["mode"] + (f", {meta['epochs']} epochs" if meta.get("epochs") else "")
     lines = [f"Benchmark ({mode}), {meta['date']}, {meta['machine']}; {meta['minutes']:.0f} minutes. "
              "Thresholds calibrated on held-out OK images only; the oracle chooses them on the test crops "
-             "(reporting only)." + (f" Segmenters trained with {' '.join(meta['overrides'])}."
+             "(reporting only)." + (f" Config overrides: {' '.join(meta['overrides'])}."
                                     if meta.get("overrides") else ""), ""]
     for label, results in per_set.items():
         lines += [f"**{label}**", "", "| method | " + " | ".join(c for _, c in cols) +
