@@ -319,3 +319,34 @@ def test_recalibrate_copies_the_models_only_and_never_touches_the_run_it_reads(t
     with pytest.raises(SystemExit, match="must not be --bench"):
         main(["--bench", str(tmp_path / "bench"), "--out", str(tmp_path / "bench")])
     assert not (tmp_path / "o2").exists()
+
+
+def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, monkeypatch):
+    """`benchmarks/run.py -s KEY=VALUE` goes to the segmenters' training and to the baselines' fit alike, last (so it
+    wins over the budget's settings): a data.holdout override gives the hybrid's models one held-out split."""
+    import benchmarks.run as bench
+
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        return {"seconds": 0.0, "peak_mb": 0.0}
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "load_ground_truth", stop)
+    monkeypatch.setattr(bench, "competition_dir", lambda *a: tmp_path)
+    with pytest.raises(Stop):
+        bench.run_set("x-p1", str(tmp_path), 1, tmp_path / "out", dict(bench.FULL), ("evidence", "patchcore"),
+                      False, print, overrides=("data.holdout=0.3", "baseline.n_train=900"))
+    assert [c[:2] for c in calls] == [["seg", "train"], ["baseline", "fit"]]
+    for cmd in calls:
+        sets = [cmd[i + 1] for i, x in enumerate(cmd) if x == "-s"]
+        assert sets[-2:] == ["data.holdout=0.3", "baseline.n_train=900"]
+    fit = [calls[1][i + 1] for i, x in enumerate(calls[1]) if x == "-s"]
+    assert fit.index("baseline.n_train=300") < fit.index("baseline.n_train=900")
