@@ -348,7 +348,37 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where,
                     warn, c.get("shape", True))
     out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
+    band = crowded_band(out["report"].get("loudest_normals") or [], pool)
+    if band and warn:
+        axis, lo, hi, k = band
+        warn(f"the image threshold is set by held-out normal crops that all lie in {axis} {lo} - {hi} of their "
+             f"images (the {k} loudest; random crops would spread wider): if the images you will predict never "
+             f"show that region (a background, a fixture, a selvage), crop the OK images to the part"
+             + (f"; see {sheet}" if sheet else ""))
     return out
+
+
+def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3) -> tuple | None:
+    """(axis "x" or "y", first px, last px, count) when the loudest held-out normal crops with a mask (those that
+    set the image threshold, see `calibration_sheet`; at least 5) lie in one band of their images' width or height
+    so narrow that crops drawn at random positions land in one that narrow with probability under `p_max` (the
+    range of k uniform positions: P(range <= r) = k r^(k-1) - (k-1) r^k); else None. A region of the OK images
+    that the model finds unusual, and that the test images may never show, is what makes a threshold strict."""
+    index = {str(path): i for i, path in enumerate(pool.paths)}
+    picked = [c for c in loudest if c.get("masked") and str(c["image"]) in index]
+    k = len(picked)
+    if k < 5:
+        return None
+    size = pool.size
+    for axis, dim in (("x", 1), ("y", 0)):
+        room = [pool.load(index[str(c["image"])]).shape[dim] - size for c in picked]
+        if min(room) <= 0:
+            continue
+        pos = np.array([c[axis] / r for c, r in zip(picked, room)])
+        r = float(pos.max() - pos.min())
+        if k * r ** (k - 1) - (k - 1) * r ** k < p_max:
+            return axis, min(c[axis] for c in picked), max(c[axis] for c in picked) + size, k
+    return None
 
 
 def sheet_path(path: str | Path) -> Path:
@@ -395,9 +425,10 @@ def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, no
     its mask outlined in red and its origin (image, y, x) below. Bottom row: the synthetic defects with the lowest
     evidence (the escapes), ground truth in green. A normal crop that scores high because of a region the test
     images never show (a selvage, a background, a fixture) makes the threshold strict: this is where to see it.
-    Returns those normal crops, loudest first: {"image", "y", "x", "evidence", "flagged"} (image: the path in the
-    pool, or the crop's index when `where` is not given); `path` None: no picture. A picture that cannot be written
-    is a warning: the calibration stands without it."""
+    Returns those normal crops, loudest first: {"image", "y", "x", "evidence", "flagged", "masked"} (image: the
+    path in the pool, or the crop's index when `where` is not given; masked: the mask is not empty, so the crop can
+    be flagged); `path` None: no picture. A picture that cannot be written is a warning: the calibration stands
+    without it."""
     images, results, rois, where = normal
     judged = [_judged(r, rehit, params, rois[i] if rois else None) for i, r in enumerate(results)]
     tiles, loudest = [], []
@@ -405,7 +436,7 @@ def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, no
         mask, ev, flagged = judged[i]
         image, y, x = where[i] if where else (i, 0, 0)
         loudest.append({"image": image, "y": int(y), "x": int(x), "evidence": ev if np.isfinite(ev) else None,
-                        "flagged": flagged})
+                        "flagged": flagged, "masked": bool(mask.any())})
         lines = (Path(str(image)).stem[:13], f"y {y}, x {x}", f"{ev:.2f} {'ALARM' if flagged else 'ok'}")
         tiles.append(_captioned(outline(images[i], mask), lines))
     if path is None:

@@ -19,7 +19,7 @@ from conftest import ROOT, textured
 from baseline.fit import fit_baseline
 from core.modelfile import load_model_file, model_paths, save_model_file
 from ensemble import predict as predict_mod
-from ensemble.calibrate import calibrate_model_file, calibration_pools, calibration_sheet
+from ensemble.calibrate import calibrate_model_file, calibration_pools, calibration_sheet, crowded_band
 from seg.config import load_config
 from synth.engine import SourcePool
 from core.io import InputError
@@ -171,6 +171,40 @@ def test_calibration_shows_the_normal_crops_that_set_the_threshold(tmp_path):
                               (crops, maps, None, where), (crops, maps, None, [c > 128 for c in crops]), 4,
                               warn=warned.append)
     assert len(shown) == 4 and len(warned) == 1 and "calibration sheet not written" in warned[0]
+
+
+def test_a_threshold_set_by_one_region_of_the_ok_images_is_named(tmp_path, monkeypatch):
+    """When the held-out normal crops that set the image threshold (those with a mask, loudest first) all lie in
+    one narrow band of their images (a background or a selvage that the test images may never show), calibration
+    says so in one line naming the band and the sheet; crops spread over the images, too few of them, or crops
+    without a mask raise nothing."""
+    import ensemble.calibrate as calibrate_module
+
+    ok = tmp_path / "OK_Images"
+    ok.mkdir()
+    for i in range(10):
+        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i, h=160, w=1024))
+    pool = SourcePool(ok)
+    name = pool.paths[0]
+    crops = [{"image": name, "x": x, "y": 16, "masked": True} for x in range(0, 48, 6)]  # 5 % of the room
+    assert crowded_band(crops, pool) == ("x", 0, 42 + 128, 8)
+    spread = [{"image": name, "x": 112 * i, "y": 4 * i, "masked": True} for i in range(8)]  # the height's room: 32
+    assert crowded_band(spread, pool) is None  # columns 0 - 784 of 896, rows 0 - 28 of 32
+    assert crowded_band([{**c, "y": 1 + i % 2} for i, c in enumerate(spread)], pool) == ("y", 1, 2 + 128, 8)
+    assert crowded_band(crops[:4], pool) is None
+    assert crowded_band([{**c, "masked": False} for c in crops], pool) is None
+    assert crowded_band([{**c, "image": "elsewhere.png"} for c in crops], pool) is None
+    # wired into calibration: the band found becomes one warning naming it and the sheet
+    cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=16", "baseline.n_val=8",
+                             "calibrate.normal_crops=16", "calibrate.synth_n=8"])
+    fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
+    seen = []
+    monkeypatch.setattr(calibrate_module, "crowded_band", lambda loudest, p: seen.append(loudest) or ("x", 0, 170, 8))
+    warned = []
+    calibrate_model_file(tmp_path / "m.pt", "cpu", warn=warned.append)
+    assert len(seen) == 1 and len(seen[0]) == 8 and all("masked" in c for c in seen[0])
+    band = [w for w in warned if "all lie in x 0 - 170 of their images" in w]
+    assert len(band) == 1 and "crop the OK images to the part" in band[0] and "m_calibration.png" in band[0]
 
 
 def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monkeypatch):
