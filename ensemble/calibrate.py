@@ -350,34 +350,42 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     out.update(held_out=held_out, held_out_images=list(pool.paths) if held_out else [])
     band = crowded_band(out["report"].get("loudest_normals") or [], pool)
     if band and warn:
-        axis, lo, hi, k = band
-        warn(f"the image threshold is set by held-out normal crops that all lie in {axis} {lo} - {hi} of their "
-             f"images (the {k} loudest; random crops would spread wider): if the images you will predict never "
-             f"show that region (a background, a fixture, a selvage), crop the OK images to the part"
-             + (f"; see {sheet}" if sheet else ""))
+        axis, lo, hi, k, images = band
+        where_ = f"of {images[0]}" if len(images) == 1 else f"of {len(images)} held-out images"
+        what = ("a flaw of that image, or a region the images you will predict never show" if len(images) == 1 else
+                "if the images you will predict never show that region (a background, a fixture, a selvage), crop "
+                "the OK images to the part")
+        warn(f"the image threshold is set by held-out normal crops that all lie in {axis} {lo} - {hi} {where_} "
+             f"(the {k} loudest with a mask; crops at random positions would spread wider): {what}"
+             + (f"; see {sheet}" if sheet and Path(sheet).is_file() else ""))
     return out
 
 
-def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3) -> tuple | None:
-    """(axis "x" or "y", first px, last px, count) when the loudest held-out normal crops with a mask (those that
-    set the image threshold, see `calibration_sheet`; at least 5) lie in one band of their images' width or height
-    so narrow that crops drawn at random positions land in one that narrow with probability under `p_max` (the
-    range of k uniform positions: P(range <= r) = k r^(k-1) - (k-1) r^k); else None. A region of the OK images
-    that the model finds unusual, and that the test images may never show, is what makes a threshold strict."""
+def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3,
+                 min_crops: int = 5) -> tuple | None:
+    """(axis "x" or "y", first px, last px, count, [images]) when the loudest held-out normal crops with a mask
+    (those that set the image threshold, see `calibration_sheet`; at least `min_crops`, from images of one size
+    along that axis) lie in one band of at most half that size, so narrow that crops at random positions land in
+    one that narrow with probability under `p_max`; else None. Positions are whole pixels 0..room (room = the
+    image's size - the crop's): the range r of k of them, as a share of room + 1, has P(range <= r) about
+    k r^(k-1) - (k-1) r^k. A region of the OK images that the model finds unusual, and that the test images may
+    never show, is what makes a threshold strict."""
     index = {str(path): i for i, path in enumerate(pool.paths)}
     picked = [c for c in loudest if c.get("masked") and str(c["image"]) in index]
-    k = len(picked)
-    if k < 5:
-        return None
     size = pool.size
     for axis, dim in (("x", 1), ("y", 0)):
-        room = [pool.load(index[str(c["image"])]).shape[dim] - size for c in picked]
-        if min(room) <= 0:
+        extent = [pool.load(index[str(c["image"])]).shape[dim] for c in picked]
+        if len(extent) < min_crops:
+            return None
+        common = max(sorted(set(extent)), key=extent.count)  # one image size, so the band is in pixels of it
+        on = [c for c, e in zip(picked, extent) if e == common]
+        k, room = len(on), common - size
+        if k < min_crops or room <= 0:  # a padded axis (image smaller than a crop) has no position to compare
             continue
-        pos = np.array([c[axis] / r for c, r in zip(picked, room)])
-        r = float(pos.max() - pos.min())
-        if k * r ** (k - 1) - (k - 1) * r ** k < p_max:
-            return axis, min(c[axis] for c in picked), max(c[axis] for c in picked) + size, k
+        lo, hi = min(c[axis] for c in on), max(c[axis] for c in on)
+        r = (hi - lo + 1) / (room + 1)
+        if hi - lo + size <= common / 2 and k * r ** (k - 1) - (k - 1) * r ** k < p_max:
+            return axis, lo, hi + size, k, sorted({str(c["image"]) for c in on})
     return None
 
 

@@ -176,35 +176,50 @@ def test_calibration_shows_the_normal_crops_that_set_the_threshold(tmp_path):
 def test_a_threshold_set_by_one_region_of_the_ok_images_is_named(tmp_path, monkeypatch):
     """When the held-out normal crops that set the image threshold (those with a mask, loudest first) all lie in
     one narrow band of their images (a background or a selvage that the test images may never show), calibration
-    says so in one line naming the band and the sheet; crops spread over the images, too few of them, or crops
-    without a mask raise nothing."""
+    says so in one line naming the band, the images and the sheet; crops spread over the images, too few of them,
+    crops without a mask, or a band that is most of a barely larger image raise nothing."""
     import ensemble.calibrate as calibrate_module
 
     ok = tmp_path / "OK_Images"
     ok.mkdir()
     for i in range(10):
-        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i, h=160, w=1024))
+        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i, h=512, w=1024))
     pool = SourcePool(ok)
-    name = pool.paths[0]
-    crops = [{"image": name, "x": x, "y": 16, "masked": True} for x in range(0, 48, 6)]  # 5 % of the room
-    assert crowded_band(crops, pool) == ("x", 0, 42 + 128, 8)
-    spread = [{"image": name, "x": 112 * i, "y": 4 * i, "masked": True} for i in range(8)]  # the height's room: 32
-    assert crowded_band(spread, pool) is None  # columns 0 - 784 of 896, rows 0 - 28 of 32
-    assert crowded_band([{**c, "y": 1 + i % 2} for i, c in enumerate(spread)], pool) == ("y", 1, 2 + 128, 8)
-    assert crowded_band(crops[:4], pool) is None
+    name, other = pool.paths[0], pool.paths[1]
+    crops = [{"image": name, "x": x, "y": 48 * i, "masked": True} for i, x in enumerate(range(0, 48, 6))]
+    assert crowded_band(crops, pool) == ("x", 0, 42 + 128, 8, [name])  # 43 of 897 positions
+    assert crowded_band(crops[:5], pool)[3] == 5 and crowded_band(crops[:4], pool) is None
+    spread = [{"image": name, "x": 112 * i, "y": 48 * i, "masked": True} for i in range(8)]
+    assert crowded_band(spread, pool) is None  # columns 0 - 784 of 896, rows 0 - 336 of 384
+    rows = [{**c, "y": 1 + i % 2, "image": (name, other)[i % 2]} for i, c in enumerate(spread)]
+    assert crowded_band(rows, pool) == ("y", 1, 2 + 128, 8, [name, other])
     assert crowded_band([{**c, "masked": False} for c in crops], pool) is None
     assert crowded_band([{**c, "image": "elsewhere.png"} for c in crops], pool) is None
-    # wired into calibration: the band found becomes one warning naming it and the sheet
+    narrow = tmp_path / "narrow"  # 131 px wide: 4 positions per row; one shared by chance is no band
+    narrow.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(narrow / f"n_{i}.png"), textured(i, h=512, w=131))
+    small = SourcePool(narrow)
+    same = [{"image": small.paths[i % 3], "x": 1, "y": 70 * i, "masked": True} for i in range(6)]
+    assert crowded_band(same, small) is None
+    # wired into calibration: the crops it is given are the report's, by their pool paths; a band found becomes one
+    # warning naming it, its images and the sheet
     cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=16", "baseline.n_val=8",
                              "calibrate.normal_crops=16", "calibrate.synth_n=8"])
     fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
-    seen = []
-    monkeypatch.setattr(calibrate_module, "crowded_band", lambda loudest, p: seen.append(loudest) or ("x", 0, 170, 8))
-    warned = []
-    calibrate_model_file(tmp_path / "m.pt", "cpu", warn=warned.append)
-    assert len(seen) == 1 and len(seen[0]) == 8 and all("masked" in c for c in seen[0])
-    band = [w for w in warned if "all lie in x 0 - 170 of their images" in w]
-    assert len(band) == 1 and "crop the OK images to the part" in band[0] and "m_calibration.png" in band[0]
+    held = set(SourcePool(ok).split(0.2, 0)[1].paths)
+    for found, expect in ((["ok_4.png", "ok_7.png"], "of 2 held-out images (the 8 loudest with a mask"),
+                          (["ok_4.png"], "of ok_4.png (the 8 loudest with a mask")):
+        seen, warned = [], []
+        monkeypatch.setattr(calibrate_module, "crowded_band",
+                            lambda loudest, p, f=found: seen.append(loudest) or ("x", 0, 170, 8, f))
+        calibrate_model_file(tmp_path / "m.pt", "cpu", warn=warned.append)
+        assert len(seen) == 1 and len(seen[0]) == 8 and {c["image"] for c in seen[0]} <= held
+        flags = [c["masked"] for c in seen[0]]
+        assert flags == sorted(flags, reverse=True)  # crops with a mask first: only they can be flagged
+        band = [w for w in warned if "all lie in x 0 - 170 " + expect in w]
+        assert len(band) == 1 and "m_calibration.png" in band[0]
+        assert ("crop the OK images to the part" in band[0]) == (len(found) > 1)
 
 
 def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monkeypatch):
