@@ -351,11 +351,11 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     band = crowded_band(out["report"].get("loudest_normals") or [], pool)
     if band and warn:
         axis, lo, hi, k, images = band
-        where_ = f"of {images[0]}" if len(images) == 1 else f"of {len(images)} held-out images"
+        source = f"of {images[0]}" if len(images) == 1 else f"of {len(images)} held-out images"
         what = ("a flaw of that image, or a region the images you will predict never show" if len(images) == 1 else
                 "if the images you will predict never show that region (a background, a fixture, a selvage), crop "
                 "the OK images to the part")
-        warn(f"the image threshold is set by held-out normal crops that all lie in {axis} {lo} - {hi} {where_} "
+        warn(f"the image threshold is set by held-out normal crops that all lie in {axis} {lo} - {hi} {source} "
              f"(the {k} loudest with a mask; crops at random positions would spread wider): {what}"
              + (f"; see {sheet}" if sheet and Path(sheet).is_file() else ""))
     return out
