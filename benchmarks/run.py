@@ -153,6 +153,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
 
     files = {}
     wanted = {m for method, parts in ROWS.values() if method in methods for m in parts}  # models the rows need
+    sets = [x for o in overrides for x in ("-s", o)]  # last: they win over the budget's settings
     budget = [*(["--epochs", str(b["epochs"])] if b["epochs"] else []),
               *(["--seeds", str(b["seeds"])] if b["seeds"] else [])]
     for arch, method, folder in SEGMENTERS:
@@ -161,14 +162,14 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
             step(f"train_{method}", ["seg", "train", *common, "-o", str(out / folder), *budget,
                                      "-s", f"model.arch={arch}", "-s", f"train.steps_per_epoch={b['steps']}",
                                      "-s", "train.seed=0", "-s", f"train.val_n={b['val_n']}",
-                                     *[x for o in overrides for x in ("-s", o)]], files[method])
+                                     *sets], files[method])
     for method in ("padim", "patchcore", "ssim_ae"):
         if method in wanted:
             files[method] = out / f"{method}.pt"
             step(f"fit_{method}", ["baseline", "fit", "--method", method, *common, "-o", str(files[method]),
                                    "-s", f"baseline.n_train={b['n_train']}",
                                    "-s", f"baseline.ae_steps={b['ae_steps']}",
-                                   *[x for o in overrides for x in ("-s", o)]],
+                                   *sets],
                  files[method])
     truth = load_ground_truth(test_images)
     image_paths, stems, gt = truth

@@ -372,11 +372,11 @@ def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3,
     never show, is what makes a threshold strict."""
     index = {str(path): i for i, path in enumerate(pool.paths)}
     picked = [c for c in loudest if c.get("masked") and str(c["image"]) in index]
+    if len(picked) < min_crops:
+        return None
     size = pool.size
     for axis, dim in (("x", 1), ("y", 0)):
-        extent = [pool.load(index[str(c["image"])]).shape[dim] for c in picked]
-        if len(extent) < min_crops:
-            return None
+        extent = [pool.load(index[str(c["image"])]).shape[dim] for c in picked]  # the pool's cache: no reading
         common = max(sorted(set(extent)), key=extent.count)  # one image size, so the band is in pixels of it
         on = [c for c, e in zip(picked, extent) if e == common]
         k, room = len(on), common - size
