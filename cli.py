@@ -220,6 +220,7 @@ def seg_train(
 ):
     """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
     calibrate best.pt's thresholds on the held-out OK images."""
+    import baseline  # noqa: F401  (registers padim, patchcore and ssim_ae: seg train fits every model)
     from core.io import write_json
     from core.modelfile import SEEDS_FILE, run_seeds
     from seg.train import seed_plan, train
@@ -284,6 +285,7 @@ def _done_epochs(out: Path) -> int:
 def _train_seed(c: dict, resume: bool, calibrate: bool) -> list[tuple[str, str]]:
     """One seed of `seg train --seeds N` in a process of its own: its log goes to <out>/train.log, its progress to
     the parent's bar; returns what the parent prints, as (kind, text), kind "info" or "warn"."""
+    import baseline  # noqa: F401  (registers the baselines, in this process too)
     from core.workers import ReportBar
     from seg.train import train
 
@@ -551,7 +553,8 @@ def baseline_fit(
     data: Optional[Path] = DataOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default runs/baselines/METHOD.pt)."),
 ):
-    """Fit a baseline on the part's OK images; the model is one file that `baseline predict` loads."""
+    """Fit a baseline on the part's OK images: `seg train` with the config's `baseline` settings; the model is one
+    file, which `baseline predict` and `ensemble predict` load."""
     from baseline.fit import fit_baseline
 
     with user_errors():

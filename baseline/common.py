@@ -1,8 +1,11 @@
-"""What the baselines share: OK-crop sampling, score standardisation, anomaly-map smoothing, save and load."""
+"""What the baselines share: OK-crop sampling, score standardisation and anomaly-map smoothing.
+
+Each baseline is the network of one entry of the one registry (`seg.models.ARCHS`, see `baseline/__init__.py`):
+`Segmenter` wraps it like any segmenter, `seg train` fits it (`fit_normal` on OK crops, then gradient steps for the
+SSIM autoencoder alone), and the model file, calibration, TTA, the ensemble and export are the segmenters'.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +13,6 @@ from torch import nn
 
 from synth.dataset import crops_tensor
 from synth.engine import SourcePool
-from core.modelfile import save_model_file
-from core.io import InputError
 
 
 def ok_crops(pool: SourcePool, n: int, seed: int) -> torch.Tensor:
@@ -31,9 +32,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class AnomalyModel(nn.Module):
-    """Base: subclasses implement `anomaly_map(x) -> (B,1,H,W)`; forward standardises it into logits."""
+    """Base: subclasses implement `anomaly_map(x) -> (B,1,H,W)` on images in [0, 1]; forward standardises it into
+    logits (0 at the held-out normal maps' 99.9th percentile, unit = their spread)."""
 
-    method = ""
+    wants_raw = True  # `Segmenter` passes the image in [0, 1]: the extractor has its own normalisation
     fully_convolutional = False  # per-position statistics (PaDiM) or a dense bottleneck (SSIM-AE): fixed input
 
     def __init__(self):
@@ -48,37 +50,36 @@ class AnomalyModel(nn.Module):
     def standardise(self, normal: torch.Tensor, batch_size: int = 32) -> None:
         """Fit the logit mapping on held-out OK crops: 0 at their 99.9th pixel percentile, unit = their std."""
         maps = torch.cat([self.anomaly_map(normal[k:k + batch_size]) for k in range(0, len(normal), batch_size)])
-        flat = maps.flatten()
-        sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-        self.center.fill_(float(torch.quantile(sample, 0.999)))
-        self.scale.fill_(float(sample.std()) or 1.0)
+        self.center.fill_(float(_top(maps.flatten())))
+        self.scale.fill_(float(_sample(maps.flatten()).std()) or 1.0)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        return {"mask": (self.anomaly_map(x) - self.center) / self.scale, "image": None}
-
-
-def save_model(path: str | Path, model: AnomalyModel, config: dict, extra: dict | None = None) -> None:
-    """One file: method, constructor arguments, tensors and the config it was fitted with."""
-    save_model_file(path, {"method": model.method, "init": model.init_args, "state": model.state_dict(),
-                           "config": config, **(extra or {})})
+    def forward(self, xn: torch.Tensor, raw: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
+        """xn: the image normalised for an encoder (unused); raw: the same image in [0, 1]."""
+        return {"mask": (self.anomaly_map(raw) - self.center) / self.scale, "image": None}
 
 
-def build(method: str, init: dict) -> AnomalyModel:
-    from .padim import Padim
-    from .patchcore import PatchCore
-    from .ssim_ae import SSIMAutoencoder
+class MemoryModel(AnomalyModel):
+    """A baseline whose whole training is statistics of OK crops (PaDiM, PatchCore): no gradient steps."""
 
-    classes = {"padim": Padim, "patchcore": PatchCore, "ssim_ae": SSIMAutoencoder}
-    if method not in classes:
-        raise InputError(f"unknown baseline method {method!r} (known: {', '.join(classes)})")
-    return classes[method](**init)
+    def fit(self, crops: torch.Tensor) -> None:
+        """Fit the normal model on OK crops (N, C, S, S) in [0, 1]."""
+        raise NotImplementedError
+
+    def fit_normal(self, normal: torch.Tensor, held: torch.Tensor, pairs=None) -> None:
+        """The registry's normal-model step (`Segmenter.fit_normal`): fit on `normal` OK crops, then standardise
+        on `held`, other OK crops."""
+        self.fit(normal)
+        self.standardise(held)
 
 
-def load_model(ckpt: dict) -> AnomalyModel:
-    """Rebuild a saved baseline from its checkpoint dict (see `save_model`)."""
-    init = dict(ckpt["init"])
-    if "weights" in init:  # the extractor's weights are in the state: never fetch them again
-        init["weights"] = "none"
-    model = build(ckpt["method"], init)
-    model.load_state_dict(ckpt["state"])
-    return model.eval()
+def _sample(flat: torch.Tensor, cap: int = 1_000_000) -> torch.Tensor:
+    return flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:cap].to(flat.device)]
+
+
+def _top(flat: torch.Tensor) -> torch.Tensor:
+    return torch.quantile(_sample(flat), 0.999)
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """`module` with no parameter left to learn (a pretrained extractor: the training loop leaves it alone)."""
+    return module.requires_grad_(False)

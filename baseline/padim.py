@@ -6,18 +6,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import AnomalyModel, gaussian_blur
+from .common import MemoryModel, frozen, gaussian_blur
 from seg.models.features import FeatureExtractor
 
 
-class Padim(AnomalyModel):
-    method = "padim"
-
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", dims: int = 100,
+class Padim(MemoryModel):
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "none", dims: int = 100,
                  size: int = 128, seed: int = 0, sigma: float = 4.0):
+        """weights: the extractor's (`lite` weights are loaded by `create_model` into `encoder`)."""
         super().__init__()
-        self.init_args = dict(backbone=backbone, weights=weights, dims=dims, size=size, seed=seed, sigma=sigma)
-        self.extractor = FeatureExtractor(backbone, weights, (1, 2, 3))
+        self.extractor = frozen(FeatureExtractor(backbone, weights, (1, 2, 3), keys=("model.encoder",
+                                                                                       "model.weights")))
+        self.encoder = self.extractor
         total = sum(self.extractor.channels)
         dims = min(dims, total)
         self.size, self.sigma = size, sigma
@@ -27,6 +27,11 @@ class Padim(AnomalyModel):
         p = self.grid * self.grid
         self.register_buffer("mu", torch.zeros(p, dims))
         self.register_buffer("cov_inv", torch.zeros(p, dims, dims))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.extractor.eval()  # frozen: batch-norm statistics never move
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, P, dims): layers upsampled to the finest one, concatenated, channels picked."""

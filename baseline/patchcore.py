@@ -7,25 +7,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import AnomalyModel, gaussian_blur
+from .common import MemoryModel, frozen, gaussian_blur
 from seg.models.features import FeatureExtractor, greedy_coreset, local_patch_features, nearest
 
 
-class PatchCore(AnomalyModel):
-    method = "patchcore"
-
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
-                 bank_size: int = 1, size: int = 128, neighbours: int = 3, seed: int = 0, sigma: float = 4.0):
+class PatchCore(MemoryModel):
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "none", coreset_ratio: float = 0.05,
+                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0):
+        """weights: the extractor's (`lite` weights are loaded by `create_model` into `encoder`, as for every
+        registered model; `none` here then)."""
         super().__init__()
-        self.init_args = dict(backbone=backbone, weights=weights, coreset_ratio=coreset_ratio, bank_size=bank_size,
-                              size=size, neighbours=neighbours, seed=seed, sigma=sigma)
-        self.extractor = FeatureExtractor(backbone, weights, (2, 3))
+        self.extractor = frozen(FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights")))
+        self.encoder = self.extractor
         dim = sum(self.extractor.channels)
         self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma
         self.register_buffer("bank", torch.zeros(bank_size, dim))
         self.register_buffer("image_center", torch.tensor(0.0))
         self.register_buffer("image_scale", torch.tensor(1.0))
-        self.radius = float("nan")
+        self.radius = float("nan")  # the coreset's covering radius, after `fit`
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.extractor.eval()  # frozen: batch-norm statistics never move
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "bank"
+        if key in state_dict and state_dict[key].shape != self.bank.shape:
+            self.bank = torch.empty_like(state_dict[key], device=self.bank.device)  # its size: what fitting chose
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) locally aware patch features at the stride of the first layer."""
@@ -37,7 +47,6 @@ class PatchCore(AnomalyModel):
         bank = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         idx, self.radius = greedy_coreset(bank, int(len(bank) * self.coreset_ratio), self.seed)
         self.bank = bank[idx].clone()
-        self.init_args["bank_size"] = len(self.bank)
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +78,7 @@ class PatchCore(AnomalyModel):
         self.image_center.fill_(float(torch.quantile(img, 0.99)))
         self.image_scale.fill_(float(img.std()) or 1.0)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        maps, image = self.scores(x)
+    def forward(self, xn: torch.Tensor, raw: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
+        maps, image = self.scores(raw)
         return {"mask": (maps - self.center) / self.scale,
                 "image": ((image - self.image_center) / self.image_scale)[:, None]}

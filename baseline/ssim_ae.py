@@ -1,5 +1,10 @@
 """SSIM autoencoder (Bergmann et al., 2019): a convolutional autoencoder trained on OK crops with an SSIM
-(plus L2) loss; the anomaly map is 1 - the local SSIM between an image and its reconstruction."""
+(plus L2) loss; the anomaly map is 1 - the local SSIM between an image and its reconstruction.
+
+It trains in `seg train`'s loop like any model: its loss is its own term (`aux`) on the clean originals of the
+synthetic samples, which are OK crops; the synthetic defects themselves it never learns from (its mask output in
+training carries no gradient). Its logit mapping follows the normal maps it meets in training, as batch norm follows
+its batches: a running 99.9th percentile and spread."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import AnomalyModel, gaussian_blur
+from .common import AnomalyModel, _sample, _top, gaussian_blur
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -34,13 +39,14 @@ def _block(cin, cout, k, s, p, transpose=False):
 
 
 class SSIMAutoencoder(AnomalyModel):
-    method = "ssim_ae"
+    wants_clean = True  # training passes the OK crops it learns to reconstruct
+    pretrained_encoder = False  # every weight learnt here: no pretrained encoder to load
 
     def __init__(self, in_channels: int = 1, latent: int = 100, width: int = 32, size: int = 128,
-                 sigma: float = 1.0):
+                 sigma: float = 1.0, momentum: float = 0.1):
         super().__init__()
-        self.init_args = dict(in_channels=in_channels, latent=latent, width=width, size=size, sigma=sigma)
         w = width
+        self.momentum = momentum
         self.size, self.sigma = size, sigma
         self.encoder = nn.Sequential(
             _block(in_channels, w, 4, 2, 1), _block(w, w, 4, 2, 1), _block(w, w, 3, 1, 1),
@@ -59,10 +65,23 @@ class SSIMAutoencoder(AnomalyModel):
         rec = self.reconstruct(x)
         return (1 - ssim_map(x, rec)).mean() + l2_weight * F.mse_loss(rec, x)
 
-    @torch.no_grad()
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.eval()
-        rec = self.reconstruct(x)
+    def _map(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         per_channel = [1 - ssim_map(x[:, c:c + 1], rec[:, c:c + 1]) for c in range(x.shape[1])]
         return gaussian_blur(torch.stack(per_channel).mean(0), self.sigma)
+
+    @torch.no_grad()
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self._map(x, self.reconstruct(x))
+
+    def forward(self, xn: torch.Tensor, raw: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
+        """raw: the image in [0, 1]; in training, `clean`: the OK crops to learn (the image's defects are not)."""
+        if not (self.training and clean is not None):
+            return super().forward(xn, raw)
+        rec = self.reconstruct(clean)
+        loss = (1 - ssim_map(clean, rec)).mean() + F.mse_loss(rec, clean)
+        with torch.no_grad():  # the running logit mapping, from these normal maps
+            flat = self._map(clean, rec.detach()).flatten()
+            m = self.momentum
+            self.center.mul_(1 - m).add_(m * _top(flat))
+            self.scale.mul_(1 - m).add_(m * (_sample(flat).std().clamp_min(1e-6)))
+        return {"mask": torch.zeros_like(raw[:, :1]), "image": None, "aux": loss}

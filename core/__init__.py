@@ -3,4 +3,4 @@
 Imports point down only: cli -> benchmarks -> ensemble -> baseline -> seg -> synth -> core.
 """
 
-__version__ = "0.4.0"  # the toolkit's version: pyproject.toml reads it, every model file records it
+__version__ = "0.5.0"  # the toolkit's version: pyproject.toml reads it, every model file records it

@@ -1,9 +1,9 @@
 """The model-file format shared by segmenters and baselines: one `torch.save`d dict of tensors and plain data
 (numbers, strings, lists, dicts), read back with `weights_only=True`, so loading a file never runs code in it.
 
-Keys: `config` (the resolved config), then either `model` (a segmenter's state dict, from `seg train`) or `method`,
-`init`, `state` (a baseline, from `baseline fit`), and optionally `calibration` (the operating point and the map
-normaliser chosen by `ensemble.calibrate`, see there).
+Keys: `config` (the resolved config; `config["model"]` names the registry entry), `model` (the state dict), for every
+model alike (`seg train`, `baseline fit`), and optionally `calibration` (the operating point and the map normaliser
+chosen by `ensemble.calibrate`, see there).
 """
 
 from __future__ import annotations
@@ -61,15 +61,19 @@ def load_model_file(path: str | Path, map_location="cpu") -> dict:
                          "`python cli.py seg convert FILE`") from None
     except Exception as e:  # truncated, not a torch file at all, ...
         raise InputError(f"{path}: not a readable model file ({type(e).__name__}: {str(e)[:160]})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
-        raise InputError(f"{path}: not a model file written by `seg train` or `baseline fit` (no model/config)")
-    need = ("method", "init", "state", "config") if "method" in ckpt else ("model", "config")
-    missing = [k for k in need if k not in ckpt]
-    if "config" not in missing and not (isinstance(ckpt["config"], dict) and "model" in ckpt["config"]):
-        missing.append("config.model")
-    if missing:
-        raise InputError(f"{path}: incomplete model file (no {', '.join(missing)})")
+    _check_layout(path, ckpt)
+    if not (isinstance(ckpt["config"], dict) and "model" in ckpt["config"] and "synth" in ckpt["config"]):
+        raise InputError(f"{path}: incomplete model file (no config.model or config.synth)")
     return ckpt
+
+
+def _check_layout(path: Path, ckpt) -> None:
+    """One line naming the file when `ckpt` is not a model file's dict of today's layout."""
+    if isinstance(ckpt, dict) and "method" in ckpt and "state" in ckpt:  # before baselines joined the registry
+        raise InputError(f"{path}: a `baseline fit` file of an older layout (toolkit {ckpt.get('toolkit_version', '?')}"
+                         f"); re-fit it: baseline fit --method {ckpt['method']}")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise InputError(f"{path}: not a model file written by `seg train` or `baseline fit` (no model/config)")
 
 
 SEEDS_FILE = "seeds.json"  # in a `seg train` run folder of several seeds: {"seeds": [0, 1]}, each in seed<S>/
@@ -128,8 +132,7 @@ def convert_trusted(path: str | Path, out: str | Path | None = None) -> Path:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise InputError(f"{path}: not a readable model file ({type(e).__name__}: {str(e)[:160]})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("model" in ckpt or "method" in ckpt):
-        raise InputError(f"{path}: not a model file written by `seg train` or `baseline fit` (no model/config)")
+    _check_layout(path, ckpt)
     out = Path(out or path)
     save_model_file(out, ckpt)
     load_model_file(out)

@@ -20,6 +20,7 @@ import ttach as tta
 
 from core.device import place, resolve_device
 from core.modelfile import load_model_file, model_paths, run_seeds
+import baseline  # noqa: F401  (registers padim, patchcore and ssim_ae in the one registry, for loading)
 from seg.config import per_model
 from seg.models import model_from_config
 from core.io import InputError
@@ -56,23 +57,16 @@ def tta_mean(model: torch.nn.Module, transforms, x: torch.Tensor) -> tuple[torch
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict, dict | None]:
-    """A `seg train` checkpoint or a `baseline fit` file -> (eval-mode module, the config it was made with, its
-    calibration or None)."""
+    """A model file (`seg train`, `baseline fit`: one layout) -> (eval-mode module, the config it was made with,
+    its calibration or None)."""
     ckpt = load_model_file(path)
-    if "method" in ckpt:
-        from baseline.common import load_model as load_baseline
-
-        try:
-            return load_baseline(ckpt).to(device), ckpt["config"], ckpt.get("calibration")
-        except (RuntimeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: the stored state does not fit its {ckpt['method']} model "
-                             f"({type(e).__name__}: {str(e)[:160]})") from None
-    model = model_from_config({**ckpt["config"]["model"], "weights": "none"})
+    cfg = ckpt["config"]
+    model = model_from_config({**cfg["model"], "weights": "none"}, cfg["synth"]["size"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not fit the architecture in its config ({str(e)[:160]})") from None
-    return model.to(device).eval(), ckpt["config"], ckpt.get("calibration")
+    return model.to(device).eval(), cfg, ckpt.get("calibration")
 
 
 class Ensemble:

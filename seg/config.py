@@ -23,6 +23,7 @@ DEFAULTS: dict = {
         "arch": "evidence_unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
         "decoder_channels": [128, 64, 32, 16, 8], "image_head": True, "deep_supervision": True, "cgm": True,
         "coreset_ratio": 0.1, "normal_crops": 128,
+        "padim_dims": 100, "ae_latent": 100, "ae_width": 16,  # the baselines' (padim, ssim_ae) own settings
     },
     "train": {
         "epochs": 12, "steps_per_epoch": 40, "batch_size": 16, "lr": 2e-3, "weight_decay": 1e-4,
@@ -36,7 +37,7 @@ DEFAULTS: dict = {
         "synth_dir": None,
     },
     "baseline": {
-        "backbone": "tf_efficientnet_lite0", "weights": "lite", "n_train": 300, "n_val": 100, "seed": 0,
+        "backbone": "tf_efficientnet_lite0", "weights": "lite", "n_train": 300, "seed": 0,
         "padim_dims": 100, "coreset_ratio": 0.05, "ae_steps": 600, "ae_batch": 32, "ae_lr": 2e-3, "ae_latent": 100,
         "ae_width": 16,
     },
@@ -53,8 +54,9 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    # the keys of seg.models.ARCHS (this module loads without torch; a test keeps the two equal)
-    "model.arch": ("unet", "unet3plus", "evidence_unet", "simplenet", "realnet"),
+    # the keys of seg.models.ARCHS once `baseline` registered its own (this module loads without torch; a test keeps
+    # the two equal)
+    "model.arch": ("unet", "unet3plus", "evidence_unet", "simplenet", "realnet", "padim", "patchcore", "ssim_ae"),
     "model.weights": ("lite", "imagenet", "none"),
     "model.in_channels": (1, 3), "train.scheduler": ("cosine", "onecycle"),
     "train.mask_loss": ("dice_bce", "dice_focal"), "train.curriculum.schedule": ("none", "linear", "step"),
@@ -73,8 +75,8 @@ def per_model(value) -> list:
 # value constraints, checked up front with the key named (before any work or progress bar starts)
 POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch_size", "train.lr", "train.val_n",
             "predict.batch_size", "calibrate.normal_crops", "calibrate.synth_n", "model.normal_crops",
-            "baseline.n_train", "baseline.n_val", "baseline.padim_dims", "baseline.ae_steps", "baseline.ae_batch",
-            "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")
+            "model.padim_dims", "model.ae_latent", "model.ae_width", "baseline.n_train", "baseline.padim_dims",
+            "baseline.ae_steps", "baseline.ae_batch", "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")
 NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.aux_loss_weight",
                 "train.jobs", "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs",
                 "predict.min_area", "predict.opening", "predict.tile_overlap", "predict.window")

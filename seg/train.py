@@ -195,7 +195,7 @@ class Trainer:
             check_split(t["synth_dir"], self.held_out, expected_held)
         aug = SeededAugment(build_augment(t["augment"]))
         per_rank = t["steps_per_epoch"] * t["batch_size"]
-        self.model = model_from_config(cfg["model"])
+        self.model = model_from_config(cfg["model"], cfg["synth"]["size"], t["seed"])
         if t["synth_dir"]:
             if self.model.wants_clean:
                 raise InputError(f"model.arch: {cfg['model']['arch']} learns to restore each synthetic defect's "
@@ -217,19 +217,24 @@ class Trainer:
                      "it keeps its default features")
             self.model.fit_normal(normal, held, pairs)
         self.model = place(self.model, self.device)
+        # a model whose normal model is all its training (padim, patchcore) takes no gradient step: one epoch of
+        # validation, then its files, as for any model
+        self.learns = self.model.trainable
+        self.epochs = t["epochs"] if self.learns else 1
         self.ema = None
-        if t.get("ema"):  # files older than the key: off
+        if t.get("ema") and self.learns:  # files older than the key: off
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=t["ema"], use_warmup=True, warmup_power=EMA_WARMUP_POWER)
         # a head whose loss weight is 0 gets no gradient: DDP must be told, or it waits for it forever
         unused = t["image_loss_weight"] == 0 or t["deep_loss_weight"] == 0
         self.net = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=unused)
-                    if self.distributed else self.model)
+                    if self.distributed and self.learns else self.model)
         self.loss_fn = SegmentationLoss(t["mask_loss"], t["image_loss_weight"], t["deep_loss_weight"],
                                         t.get("aux_loss_weight", 1.0))  # files older than the key
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-        total = t["epochs"] * t["steps_per_epoch"]
+        params = [p for p in self.model.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)]
+        self.opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        total = self.epochs * t["steps_per_epoch"]
         if t["scheduler"] == "onecycle":
             self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, t["lr"], total_steps=total)
         else:
@@ -342,17 +347,19 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", self.cfg)
-        remaining = max(0, t["epochs"] - self.start_epoch) * t["steps_per_epoch"]
-        bar_cm = self.progress("train", remaining) if (self.progress and self.main) else nullcontext()
+        remaining = max(0, self.epochs - self.start_epoch) * t["steps_per_epoch"] if self.learns else 0
+        bar_cm = self.progress("train", remaining) if (self.progress and self.main and remaining) else nullcontext()
         start = time.perf_counter()
+        if self.main and not self.learns:
+            self.log(f"{self.cfg['model']['arch']}: fitted on OK crops, nothing to learn by gradient")
         with bar_cm as bar:
-            for epoch in range(self.start_epoch, t["epochs"]):
+            for epoch in range(self.start_epoch, self.epochs):
                 ceiling = self.curriculum.ceiling(epoch)
                 self.dataset.set_epoch(epoch, ceiling)
-                if self.main:
+                if self.main and self.learns:
                     self.log(f"epoch {epoch}: curriculum {self.curriculum.schedule}, difficulty ceiling {ceiling:.2f}")
                 e0 = time.perf_counter()
-                train_loss = self.train_epoch(epoch, bar)
+                train_loss = self.train_epoch(epoch, bar) if self.learns else float("nan")
                 row = {"epoch": epoch, "ceiling": ceiling, "lr": self.opt.param_groups[0]["lr"],
                        "train_loss": train_loss, "seconds": time.perf_counter() - e0}
                 val = evaluate_set(self.scored, *self.val, self.cfg["predict"], self.device, self.loss_fn)

@@ -58,4 +58,4 @@ def write_test_crops(folder: Path, n: int, pit_every: int = 2, ext: str = ".bmp"
 def tiny_patchcore_args(ok: Path) -> list[str]:
     """`baseline fit` arguments for a PatchCore that fits in seconds."""
     return ["baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok}", "-s", "baseline.n_train=16",
-            "-s", "baseline.n_val=8", "-s", "calibrate.normal_crops=8", "-s", "calibrate.synth_n=8"]
+            "-s", "train.val_n=16", "-s", "calibrate.normal_crops=8", "-s", "calibrate.synth_n=8"]

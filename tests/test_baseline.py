@@ -1,4 +1,5 @@
-"""Unsupervised baselines: anomaly maps peak on a pasted defect, the coreset covers its bank, files reload."""
+"""Unsupervised baselines: anomaly maps peak on a pasted defect, the coreset covers its bank, files reload, and
+they are entries of the one registry, fitted by the one training loop."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import pytest
 import torch
 from conftest import textured
 
-from baseline.common import build, ok_crops, save_model
-from baseline.fit import fit_baseline, train_autoencoder
+import baseline  # noqa: F401  (registers padim, patchcore, ssim_ae)
+from baseline.common import ok_crops
+from baseline.fit import fit_baseline
 from baseline.patchcore import greedy_coreset, nearest
+from core.io import InputError
+from core.modelfile import load_model_file, save_model_file
 from ensemble.models import Ensemble, load_model
 from core.postprocess import postprocess
 from seg.config import load_config
+from seg.models import create_model
 from synth.dataset import to_tensors
 from synth.engine import SourcePool
 
 CENTER = (80, 60)  # (x, y) of the pasted defect
+SETTINGS = {"padim": dict(padim_dims=64), "patchcore": dict(coreset_ratio=0.1), "ssim_ae": dict(ae_width=16)}
 
 
 def defect_crop() -> tuple[np.ndarray, np.ndarray]:
@@ -30,21 +36,31 @@ def defect_crop() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
+    """The three from the registry: PaDiM and PatchCore through `fit_normal`, the autoencoder by gradient on its own
+    term (`aux`), which the training loop adds, on OK crops given as the clean originals."""
     d = tmp_path_factory.mktemp("ok")
     for i in range(6):
         cv2.imwrite(str(d / f"ok_{i}.png"), textured(i))
     pool = SourcePool(d)
-    crops = ok_crops(pool, 48, seed=0)
+    crops, held_out = ok_crops(pool, 48, seed=0), ok_crops(pool, 16, seed=1)
     torch.manual_seed(0)
-    models = {"padim": build("padim", dict(dims=64)), "patchcore": build("patchcore", dict(coreset_ratio=0.1))}
+    models = {m: create_model(m, "tu-tf_efficientnet_lite0", "lite", 1, **SETTINGS[m]) for m in SETTINGS}
+    for m in ("padim", "patchcore"):
+        assert models[m].needs_normal and not models[m].trainable
+        models[m].fit_normal(crops, held_out)
+    ae = models["ssim_ae"]
+    assert ae.trainable and ae.wants_clean and not ae.needs_normal
+    opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
+    ae.train()
+    for step in range(120):
+        x = ok_crops(pool, 16, 100 + step)
+        out = ae(torch.rand_like(x), x)  # the image's content is not what it learns: the clean original is
+        assert out["mask"].grad_fn is None
+        opt.zero_grad()
+        out["aux"].backward()
+        opt.step()
     for m in models.values():
-        m.fit(crops)
-    ae = build("ssim_ae", dict(width=16))
-    train_autoencoder(ae, pool, steps=120, batch_size=16, lr=3e-3, seed=0)
-    models["ssim_ae"] = ae
-    held_out = ok_crops(pool, 16, seed=1)
-    for m in models.values():
-        m.standardise(held_out)
+        m.eval()
     return models, d
 
 
@@ -52,7 +68,7 @@ def fitted(tmp_path_factory):
 def test_anomaly_map_peaks_inside_the_defect(fitted, method):
     img, mask = defect_crop()
     x = to_tensors(img, mask)[0][None]
-    amap = fitted[0][method].anomaly_map(x)[0, 0].numpy()
+    amap = fitted[0][method].net.anomaly_map(x)[0, 0].numpy()
     y, xx = np.unravel_index(np.argmax(amap), amap.shape)
     assert np.hypot(xx - CENTER[0], y - CENTER[1]) <= 9 + 6, (method, (xx, y))
     inside, outside = amap[mask > 0].mean(), amap[cv2.dilate(mask, np.ones((25, 25))) == 0].mean()
@@ -77,14 +93,15 @@ def test_coreset_covers_the_bank_within_its_radius():
 @pytest.mark.parametrize("method", ["padim", "patchcore", "ssim_ae"])
 def test_saved_model_reloads_to_identical_scores(fitted, method, tmp_path):
     model = fitted[0][method]
-    cfg = load_config(None)
-    save_model(tmp_path / "m.pt", model, cfg)
+    sets = [f"model.{k}={v}" for k, v in SETTINGS[method].items()]
+    cfg = load_config(None, [f"model.arch={method}", *sets])
+    save_model_file(tmp_path / "m.pt", {"model": model.state_dict(), "config": cfg})
     again, config, _ = load_model(tmp_path / "m.pt", torch.device("cpu"))
     img, mask = defect_crop()
     x = to_tensors(img, mask)[0][None]
     with torch.no_grad():
-        a, b = model.eval()(x), again(x)
-    assert torch.equal(a["mask"], b["mask"])
+        a, b = model(x), again(x)
+    assert torch.equal(a["mask"], b["mask"]) and a["mask"].std() > 0
     assert (a["image"] is None) == (b["image"] is None) and (a["image"] is None or torch.equal(a["image"], b["image"]))
     assert config["synth"]["size"] == 128
 
@@ -99,9 +116,35 @@ def test_baselines_go_through_the_shared_pipeline(fitted):
     assert not postprocess(normal["map"], 0.5, 10).any()
 
 
-def test_fit_baseline_writes_one_file(fitted, tmp_path):
-    cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "baseline.n_train=8", "baseline.n_val=4"])
+def test_fit_baseline_is_seg_train_with_the_baseline_settings_and_writes_one_file(fitted, tmp_path):
+    cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "baseline.n_train=8", "baseline.padim_dims=32",
+                             "model.arch=unet"])
     s = fit_baseline(cfg, "padim", tmp_path / "padim.pt", log=lambda m: None)
-    assert (tmp_path / "padim.pt").stat().st_size > 0 and s["fit_seconds"] > 0 and s["peak_rss_mb"] > 0
-    with pytest.raises(ValueError, match="--method"):
+    assert s["fit_seconds"] > 0 and s["peak_rss_mb"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["padim.pt"]  # the run's folder is gone
+    ckpt = load_model_file(tmp_path / "padim.pt")
+    m = ckpt["config"]["model"]
+    assert m["arch"] == "padim" and m["padim_dims"] == 32 and m["normal_crops"] == 8
+    assert ckpt["config"]["predict"]["tta"] == "none" and ckpt["rows"][0]["epoch"] == 0 and len(ckpt["rows"]) == 1
+    assert ckpt["model"]["net.idx"].shape == (32,)
+    with pytest.raises(InputError, match="--method"):
         fit_baseline(cfg, "knn", tmp_path / "x.pt")
+
+
+def test_the_autoencoder_learns_in_the_training_loop_from_clean_originals(fitted, tmp_path):
+    cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "baseline.ae_steps=6", "baseline.ae_batch=4",
+                             "baseline.ae_width=8", "train.val_n=8", "train.amp=false"])
+    fit_baseline(cfg, "ssim_ae", tmp_path / "ae.pt", log=lambda m: None)
+    ckpt = load_model_file(tmp_path / "ae.pt")
+    torch.manual_seed(0)  # the loop builds the model after seeding with baseline.seed: its start, rebuilt
+    start = create_model("ssim_ae", "tu-tf_efficientnet_lite0", "lite", 1, ae_width=8).state_dict()
+    moved = [k for k, v in ckpt["model"].items() if k.endswith("weight") and not torch.equal(v, start[k])]
+    assert len(moved) > 10 and all(np.isfinite(r["train_loss"]) for r in ckpt["rows"])
+    assert float(ckpt["model"]["net.center"]) > 0 and float(ckpt["model"]["net.scale"]) != 1.0  # running mapping
+
+
+def test_a_baseline_file_of_the_older_layout_is_refused_with_what_to_do(tmp_path):
+    save_model_file(tmp_path / "old.pt", {"method": "patchcore", "init": {}, "state": {"bank": torch.zeros(2, 3)},
+                                          "config": {"model": {}}})
+    with pytest.raises(InputError, match=r"old.pt: a `baseline fit` file of an older layout.*--method patchcore"):
+        load_model_file(tmp_path / "old.pt")

@@ -61,12 +61,12 @@ def test_a_crafted_model_file_never_runs_its_code(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(InputError, match="junk.pt: not a readable model file"):
         load_model_file(tmp_path / "junk.pt")
-    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5), "model": {}},
+    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5), "model": {}, "synth": {}},
                                             "model": {"w": torch.ones(2)}, "rows": [{"x": np.int64(3)}]})
     back = load_model_file(tmp_path / "plain.pt")  # numpy scalars are written as plain numbers
     assert back["config"]["a"] == 0.5 and type(back["rows"][0]["x"]) is int
-    save_model_file(tmp_path / "partial.pt", {"method": "patchcore", "config": {"model": {}}, "init": {}})
-    with pytest.raises(InputError, match=r"partial.pt: incomplete model file \(no state\)"):
+    save_model_file(tmp_path / "partial.pt", {"config": {"model": {}}, "model": {}})
+    with pytest.raises(InputError, match=r"partial.pt: incomplete model file \(no config.model or config.synth\)"):
         load_model_file(tmp_path / "partial.pt")
 
 
@@ -110,7 +110,7 @@ def test_held_out_split_is_disjoint_reproducible_and_never_trained_on(ok_dir):
 
 
 def test_model_file_carries_its_thresholds_and_predict_uses_them(ok_dir, tmp_path):
-    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "baseline.n_train=16", "baseline.n_val=8",
+    cfg = load_config(None, [f"data.ok_dir={ok_dir}", "baseline.n_train=16", "train.val_n=16",
                              "calibrate.normal_crops=32", "calibrate.synth_n=24"])
     fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
     assert "calibration" not in load_model_file(tmp_path / "m.pt")
@@ -150,7 +150,7 @@ def test_calibration_shows_the_normal_crops_that_set_the_threshold(tmp_path):
     crops = held.random_crops(6, 3, where)
     assert all(np.array_equal(c, held.load(held.paths.index(p))[y:y + 128, x:x + 128]) for c, (p, y, x) in
                zip(crops, where))
-    cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=16", "baseline.n_val=8",
+    cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=32", "train.val_n=16",
                              "calibrate.normal_crops=32", "calibrate.synth_n=16"])
     fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
     loudest = calibrate_model_file(tmp_path / "m.pt", "cpu")["report"]["loudest_normals"]
@@ -204,7 +204,7 @@ def test_a_threshold_set_by_one_region_of_the_ok_images_is_named(tmp_path, monke
     assert crowded_band(same, small) is None
     # wired into calibration: the crops it is given are the report's, by their pool paths; a band found becomes one
     # warning naming it, its images and the sheet
-    cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=16", "baseline.n_val=8",
+    cfg = load_config(None, [f"data.ok_dir={ok}", "baseline.n_train=16", "train.val_n=16",
                              "calibrate.normal_crops=16", "calibrate.synth_n=8"])
     fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
     held = set(SourcePool(ok).split(0.2, 0)[1].paths)

@@ -16,9 +16,7 @@ from conftest import textured, tiny_patchcore_args, write_ok_images, write_test_
 from typer.testing import CliRunner
 
 import cli
-from baseline.padim import Padim
-from baseline.patchcore import PatchCore
-from baseline.ssim_ae import SSIMAutoencoder
+import baseline  # noqa: F401  (registers padim, patchcore, ssim_ae)
 from core.io import InputError, find_images, read_image
 from ensemble.export import OnnxEnsemble, export_onnx
 from core.postprocess import final_mask
@@ -54,9 +52,8 @@ def test_every_model_kind_exports_with_flip_tta_and_gives_the_same_maps_and_subm
     rn = create_model("realnet", "tu-tf_efficientnet_lite0", "lite", 1, **SMALL)
     pits = crops_tensor(crops_with_pits(4))
     rn.fit_normal(normal, None, (pits, crops_tensor(pool.random_crops(4, 3)), (pits < 0.1).float()))
-    pc = PatchCore(coreset_ratio=0.1)
-    pc.fit(normal)
-    pc.standardise(crops_tensor(pool.random_crops(8, 2)))
+    pc = create_model("patchcore", "tu-tf_efficientnet_lite0", "lite", 1, coreset_ratio=0.1)
+    pc.fit_normal(normal, crops_tensor(pool.random_crops(8, 2)))
     norms = [{"pixel": [0.1 * i, 1.0 + i], "image": [0.2, 2.0]} for i in range(6)]
     ens = Ensemble([unet, u3, ev, pc, sn, rn], 1, 128, "cpu", "flip", norms=norms, threshold=PARAMS["threshold"])
     params = {**PARAMS, "shape": [0.0, 0.0, 0.5, 0.0, 0.0, 0.0]}  # each model's own threshold: masks trimmed
@@ -90,10 +87,12 @@ def test_the_fixed_size_baselines_export_too(ok_dir, tmp_path, method, atol):
     SSIM-AE's standardised maps are 1 - SSIM over a small spread, so rounding shows more there."""
     torch.manual_seed(0)
     pool = SourcePool(ok_dir)
-    model = Padim(dims=20) if method == "padim" else SSIMAutoencoder(width=8, latent=16).eval()
-    if method == "padim":
-        model.fit(crops_tensor(pool.random_crops(16, 0)))
-    model.standardise(crops_tensor(pool.random_crops(8, 1)))
+    model = create_model(method, "tu-tf_efficientnet_lite0", "lite", 1, padim_dims=20, ae_width=8, ae_latent=16)
+    normal, held = crops_tensor(pool.random_crops(16, 0)), crops_tensor(pool.random_crops(8, 1))
+    if model.needs_normal:
+        model.fit_normal(normal, held)
+    else:  # the untrained autoencoder: its logit mapping from normal maps, as training would make it
+        model.net.standardise(held)
     ens = Ensemble([model], 1, 128, "cpu", "flip", threshold=PARAMS["threshold"])
     export_onnx(ens, PARAMS, tmp_path / "m.onnx")
     x = crops_tensor(crops_with_pits(4))

@@ -242,7 +242,6 @@ def test_odd_model_and_ensemble_files(tmp_path, model):
     other = tmp_path / "other_arch.pt"  # another architecture's weights under this file's config
     state = torch.load(model, weights_only=True)
     state["config"]["model"]["arch"] = "unet"
-    state["model"] = state.pop("state")
     torch.save(state, other)
     cases[other] = "other_arch.pt"
     empty = tmp_path / "empty.pt"

@@ -244,8 +244,8 @@ def test_baseline_fit_killed_at_random_moments_leaves_a_whole_file_or_none(fitte
     assert any(killed)
     run_ok(cli(*fitted["args"], "-o", part))
     a, b = load_model_file(fitted["model"]), load_model_file(part)
-    for k, v in a["state"].items():
-        assert torch.equal(v, b["state"][k]), k
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
     assert a["calibration"]["params"] == b["calibration"]["params"]
 
 

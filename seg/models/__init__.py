@@ -1,11 +1,16 @@
-"""Segmenter registry: `create_model(arch, encoder, ...)`, the same arguments for every architecture.
+"""The one model registry: `create_model(arch, encoder, ...)`, the same arguments for every architecture, the
+segmenters here and the unsupervised baselines (`padim`, `patchcore`, `ssim_ae`), which `baseline` registers with
+`register_arch` when it is imported (the house's layers point down: `baseline` sits above `seg`).
 
 Every model is wrapped in `Segmenter`, which takes images in [0, 1], normalises them the way its encoder's
 weights expect (so a checkpoint alone fixes its preprocessing) and returns a dict:
 `{"mask": (B,1,H,W) logits, "image": (B,1) logits or None, "deep": list of (B,1,H,W) logits or None}`, and in
-training mode, for a model with a term of its own (`simplenet`, `realnet`), `"aux"`: a scalar loss the training
-loss adds. In training, `forward(x, clean)` also takes the defect-free originals of the synthetic samples, which a
-reconstruction model (`realnet`) learns to restore; every other model ignores them.
+training mode, for a model with a term of its own (`simplenet`, `realnet`, `ssim_ae`), `"aux"`: a scalar loss the
+training loss adds. In training, `forward(x, clean)` also takes the defect-free originals of the synthetic samples,
+which a reconstruction model (`realnet`) learns to restore and the SSIM autoencoder (`ssim_ae`) learns to reproduce;
+every other model ignores them. A model with a normal model (`evidence_unet`, `realnet`, `padim`, `patchcore`) has
+`fit_normal`, which `seg train` calls on OK crops before its gradient steps; a model with nothing left to learn by
+gradient (`padim`, `patchcore`) gets none. One loop, `seg.train.Trainer`, fits every model.
 
 Example:
     >>> m = create_model("unet3plus", "tu-tf_efficientnet_lite0", weights="none", in_channels=1)
@@ -57,6 +62,12 @@ class Segmenter(nn.Module):
         return hasattr(self.net, "fit_normal")
 
     @property
+    def trainable(self) -> bool:
+        """Whether training has parameters to learn by gradient (PaDiM and PatchCore have none: `fit_normal` is
+        all their training)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @property
     def wants_pairs(self) -> bool:
         """Whether `fit_normal` also wants synthetic defects with their clean originals (`realnet`'s AFS)."""
         return getattr(self.net, "wants_pairs", False)
@@ -98,6 +109,11 @@ class ModelArgs:
     deep_supervision: bool
     cgm: bool
     coreset_ratio: float
+    size: int = 128  # the crop size (synth.size): fixed-input models (padim, ssim_ae) are built for it
+    padim_dims: int = 100  # padim: feature channels kept
+    ae_latent: int = 100  # ssim_ae: bottleneck width and channel width
+    ae_width: int = 16
+    seed: int = 0  # random choices inside a model (padim's channels, a coreset's start)
 
     @property
     def backbone(self) -> str:
@@ -131,17 +147,32 @@ def _realnet(a: ModelArgs) -> nn.Module:
 
 
 # The registry: one builder per architecture. What a model needs from training (a normal model fitted first,
-# clean originals, synthetic pairs) it declares on itself (see `Segmenter`), so nothing else names an arch.
+# clean originals, synthetic pairs, gradient steps at all) it declares on itself (see `Segmenter`), so nothing
+# else names an arch.
 ARCHS: dict[str, Callable[[ModelArgs], nn.Module]] = {
     "unet": _unet, "unet3plus": _unet3plus, "evidence_unet": _evidence_unet, "simplenet": _simplenet,
     "realnet": _realnet,
 }
+REGISTERED_ELSEWHERE = {"padim": "baseline", "patchcore": "baseline", "ssim_ae": "baseline"}
+
+
+def register_arch(name: str):
+    """Decorator: add a builder `(ModelArgs) -> nn.Module` to the registry under `name` (timm's register_model).
+    The module gets what every architecture gets: `Segmenter`'s normalisation, the training loop, calibration,
+    TTA, the ensemble, export and the model file."""
+
+    def add(builder: Callable[[ModelArgs], nn.Module]):
+        ARCHS[name] = builder
+        return builder
+
+    return add
 
 
 def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", weights: str = "none",
                  in_channels: int = 1, decoder_channels: Sequence[int] = (128, 64, 32, 16, 8),
                  image_head: bool = True, deep_supervision: bool = True, cgm: bool = True,
-                 coreset_ratio: float = 0.1) -> Segmenter:
+                 coreset_ratio: float = 0.1, size: int = 128, padim_dims: int = 100, ae_latent: int = 100,
+                 ae_width: int = 16, seed: int = 0) -> Segmenter:
     """Build a segmenter.
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
@@ -149,11 +180,17 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     `seg.models.evidence`; call `fit_normal` on OK crops before training) or `simplenet` (a discriminator on the
     frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units)
     or `realnet` (feature reconstruction and residual segmentation on the frozen stride-4/8/16 features of `encoder`,
-    see `seg.models.realnet`; `decoder_channels[0] // 2` hidden units; `fit_normal` before training).
+    see `seg.models.realnet`; `decoder_channels[0] // 2` hidden units; `fit_normal` before training), or a baseline
+    registered by `baseline`: `padim` (`padim_dims` channels; `size` crops only), `patchcore` (`coreset_ratio`) on
+    the frozen features of `encoder`, `ssim_ae` (`ae_latent`, `ae_width`; `size` crops only; trained from scratch,
+    `encoder` and `weights` unused).
     weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub
     weights, needs internet), or `none`.
     """
     if arch not in ARCHS:
+        home = REGISTERED_ELSEWHERE.get(arch)
+        if home:
+            raise InputError(f"model.arch: {arch!r} is registered by `import {home}`, which has not run")
         raise InputError(f"model.arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
     if weights not in ("lite", "imagenet", "none"):
         raise InputError(f"model.weights: expected lite, imagenet or none, got {weights!r}")
@@ -163,12 +200,12 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     if weights == "imagenet":
         hub = True if encoder.startswith("tu-") else "imagenet"
     args = ModelArgs(encoder, weights, hub, in_channels, tuple(decoder_channels), image_head, deep_supervision,
-                     cgm, coreset_ratio)
+                     cgm, coreset_ratio, size, padim_dims, ae_latent, ae_width, seed)
     try:
         net = ARCHS[arch](args)
     except (KeyError, ValueError) as e:
         raise InputError(f"model.encoder: cannot build {encoder!r} ({e})") from None
-    if weights == "lite":
+    if weights == "lite" and getattr(net, "pretrained_encoder", True):  # ssim_ae learns every weight itself
         load_lite_weights(net.encoder.model, LITE_ENCODERS[encoder])
     return Segmenter(net, arch, *_norm(encoder, weights))
 
@@ -178,7 +215,9 @@ def _norm(encoder: str, weights: str) -> tuple[float, float]:
     return (0.5, 0.5) if encoder.startswith("tu-tf_") or weights == "none" else (0.449, 0.226)
 
 
-def model_from_config(model_cfg: dict) -> Segmenter:
-    return create_model(model_cfg["arch"], model_cfg["encoder"], model_cfg["weights"], model_cfg["in_channels"],
-                        model_cfg["decoder_channels"], model_cfg["image_head"], model_cfg["deep_supervision"],
-                        model_cfg["cgm"], model_cfg.get("coreset_ratio", 0.1))  # files older than the key
+def model_from_config(model_cfg: dict, size: int = 128, seed: int = 0) -> Segmenter:
+    """The model of a config's `model` section, for crops of `size` px (synth.size); `seed`: train.seed."""
+    m = model_cfg
+    return create_model(m["arch"], m["encoder"], m["weights"], m["in_channels"], m["decoder_channels"],
+                        m["image_head"], m["deep_supervision"], m["cgm"], m.get("coreset_ratio", 0.1), size,
+                        m.get("padim_dims", 100), m.get("ae_latent", 100), m.get("ae_width", 16), seed)
