@@ -50,8 +50,9 @@ class AnomalyModel(nn.Module):
     def standardise(self, normal: torch.Tensor, batch_size: int = 32) -> None:
         """Fit the logit mapping on held-out OK crops: 0 at their 99.9th pixel percentile, unit = their std."""
         maps = torch.cat([self.anomaly_map(normal[k:k + batch_size]) for k in range(0, len(normal), batch_size)])
-        self.center.fill_(float(_top(maps.flatten())))
-        self.scale.fill_(float(_sample(maps.flatten()).std()) or 1.0)
+        center, scale = map_standardiser(maps)
+        self.center.fill_(center)
+        self.scale.fill_(scale or 1.0)
 
     def forward(self, xn: torch.Tensor, raw: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
         """xn: the image normalised for an encoder (unused); raw: the same image in [0, 1]."""
@@ -72,12 +73,12 @@ class MemoryModel(AnomalyModel):
         self.standardise(held)
 
 
-def _sample(flat: torch.Tensor, cap: int = 1_000_000) -> torch.Tensor:
-    return flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:cap].to(flat.device)]
-
-
-def _top(flat: torch.Tensor) -> torch.Tensor:
-    return torch.quantile(_sample(flat), 0.999)
+def map_standardiser(maps: torch.Tensor, cap: int = 1_000_000) -> tuple[float, float]:
+    """(99.9th percentile, standard deviation) of normal anomaly maps, over a fixed-seed sample of at most `cap`
+    values: the baselines' logit mapping."""
+    flat = maps.flatten().float()
+    flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:cap].to(flat.device)]
+    return float(torch.quantile(flat, 0.999)), float(flat.std())
 
 
 def frozen(module: nn.Module) -> nn.Module:

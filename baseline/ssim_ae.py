@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import AnomalyModel, _sample, _top, gaussian_blur
+from .common import AnomalyModel, gaussian_blur, map_standardiser
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -61,8 +61,8 @@ class SSIMAutoencoder(AnomalyModel):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
-    def loss(self, x: torch.Tensor, l2_weight: float = 1.0) -> torch.Tensor:
-        rec = self.reconstruct(x)
+    def loss(self, x: torch.Tensor, rec: torch.Tensor, l2_weight: float = 1.0) -> torch.Tensor:
+        """SSIM + L2 between OK crops and their reconstruction."""
         return (1 - ssim_map(x, rec)).mean() + l2_weight * F.mse_loss(rec, x)
 
     def _map(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
@@ -78,10 +78,10 @@ class SSIMAutoencoder(AnomalyModel):
         if not (self.training and clean is not None):
             return super().forward(xn, raw)
         rec = self.reconstruct(clean)
-        loss = (1 - ssim_map(clean, rec)).mean() + F.mse_loss(rec, clean)
+        loss = self.loss(clean, rec)
         with torch.no_grad():  # the running logit mapping, from these normal maps
-            flat = self._map(clean, rec.detach()).flatten()
+            center, scale = map_standardiser(self._map(clean.float(), rec.detach().float()))
             m = self.momentum
-            self.center.mul_(1 - m).add_(m * _top(flat))
-            self.scale.mul_(1 - m).add_(m * (_sample(flat).std().clamp_min(1e-6)))
+            self.center.mul_(1 - m).add_(m * center)
+            self.scale.mul_(1 - m).add_(m * max(scale, 1e-6))
         return {"mask": torch.zeros_like(raw[:, :1]), "image": None, "aux": loss}
