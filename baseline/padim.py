@@ -11,9 +11,10 @@ from seg.models.features import FeatureExtractor
 
 
 class Padim(MemoryModel):
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "none", dims: int = 100,
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", dims: int = 100,
                  size: int = 128, seed: int = 0, sigma: float = 4.0):
-        """weights: the extractor's (`lite` weights are loaded by `create_model` into `encoder`)."""
+        """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
+        `encoder`, and this is `none`)."""
         super().__init__()
         self.extractor = frozen(FeatureExtractor(backbone, weights, (1, 2, 3), keys=("model.encoder",
                                                                                        "model.weights")))

@@ -12,10 +12,10 @@ from seg.models.features import FeatureExtractor, greedy_coreset, local_patch_fe
 
 
 class PatchCore(MemoryModel):
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "none", coreset_ratio: float = 0.05,
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
                  bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0):
-        """weights: the extractor's (`lite` weights are loaded by `create_model` into `encoder`, as for every
-        registered model; `none` here then)."""
+        """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
+        `encoder`, as for every registered model, and this is `none`)."""
         super().__init__()
         self.extractor = frozen(FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights")))
         self.encoder = self.extractor
