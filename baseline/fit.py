@@ -35,13 +35,14 @@ def baseline_config(cfg: dict, method: str) -> dict:
     backbone = b["backbone"] if b["backbone"].startswith("tu-") else "tu-" + b["backbone"]
     cfg["model"].update(arch=method, encoder=backbone, weights=b["weights"], coreset_ratio=b["coreset_ratio"],
                         normal_crops=b["n_train"], padim_dims=b["padim_dims"], ae_latent=b["ae_latent"],
-                        ae_width=b["ae_width"])
+                        ae_width=b["ae_width"], in_channels=cfg["synth"]["channels"])
     t = cfg["train"]
     t.update(seed=b["seed"], seeds=1, ema=0.0, synth_dir=None, early_stopping=0, epochs=1)
-    if method == "ssim_ae":
+    if method == "ssim_ae":  # its own term is all its loss; its crops flipped at random, nothing else (Bergmann)
         epochs = max(1, b["ae_steps"] // AE_EPOCH_STEPS)
         t.update(epochs=epochs, steps_per_epoch=math.ceil(b["ae_steps"] / epochs), batch_size=b["ae_batch"],
-                 lr=b["ae_lr"], weight_decay=1e-5)
+                 lr=b["ae_lr"], weight_decay=1e-5, aux_loss_weight=1.0,
+                 augment={k: (0.5 if k == "flip" else 0.0) for k in t["augment"]})
     cfg["predict"]["tta"] = "none"
     return cfg
 
@@ -50,13 +51,17 @@ def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=No
     """Fit `method` on the part's OK images with `seg train`'s loop (see `baseline_config`); its best.pt becomes
     the file `out`, written atomically (the run's folder beside it is removed)."""
     cfg = baseline_config(cfg, method)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("baseline fit: runs in one process (not under torchrun); the baselines fit in minutes")
     out = Path(out)
     run = out.parent / f".{out.name}.fit"
     shutil.rmtree(run, ignore_errors=True)  # a fit killed before: start afresh, it is short
     cfg["train"]["out"] = str(run)
     start = time.perf_counter()
-    train(cfg, log=log, progress=progress, warn=warn)
-    seconds = time.perf_counter() - start
-    os.replace(run / "best.pt", out)
-    shutil.rmtree(run, ignore_errors=True)
+    try:
+        train(cfg, log=log, progress=progress, warn=warn)
+        seconds = time.perf_counter() - start
+        os.replace(run / "best.pt", out)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
     return {"method": method, "out": str(out), "fit_seconds": seconds, "peak_rss_mb": peak_rss_mb()}

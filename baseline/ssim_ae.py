@@ -3,10 +3,14 @@
 
 It trains in `seg train`'s loop like any model: its loss is its own term (`aux`) on the clean originals of the
 synthetic samples, which are OK crops; the synthetic defects themselves it never learns from (its mask output in
-training carries no gradient). Its logit mapping follows the normal maps it meets in training, as batch norm follows
-its batches: a running 99.9th percentile and spread."""
+training carries no gradient), flipped at random as in the paper (`baseline fit` turns the other augmentations off).
+Its logit mapping follows the normal maps it meets in training, as batch norm follows its batches: a running 99.9th
+percentile and spread. Loss and maps are computed in float32 even under mixed precision (SSIM subtracts
+near-equal terms)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -71,17 +75,21 @@ class SSIMAutoencoder(AnomalyModel):
 
     @torch.no_grad()
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self._map(x, self.reconstruct(x))
+        rec = self.reconstruct(x).float()
+        with torch.autocast(x.device.type, enabled=False):
+            return self._map(x.float(), rec)
 
     def forward(self, xn: torch.Tensor, raw: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
         """raw: the image in [0, 1]; in training, `clean`: the OK crops to learn (the image's defects are not)."""
         if not (self.training and clean is not None):
             return super().forward(xn, raw)
-        rec = self.reconstruct(clean)
-        loss = self.loss(clean, rec)
-        with torch.no_grad():  # the running logit mapping, from these normal maps
-            center, scale = map_standardiser(self._map(clean.float(), rec.detach().float()))
-            m = self.momentum
-            self.center.mul_(1 - m).add_(m * center)
-            self.scale.mul_(1 - m).add_(m * max(scale, 1e-6))
+        rec = self.reconstruct(clean).float()
+        with torch.autocast(raw.device.type, enabled=False):  # SSIM's differences of near-equal terms: float32
+            loss = self.loss(clean.float(), rec)
+            with torch.no_grad():  # the running logit mapping, from these normal maps
+                center, scale = map_standardiser(self._map(clean.float(), rec.detach()))
+            if math.isfinite(center) and math.isfinite(scale):  # a batch gone wrong never poisons the mapping
+                m = self.momentum
+                self.center.mul_(1 - m).add_(m * center)
+                self.scale.mul_(1 - m).add_(m * max(scale, 1e-6))
         return {"mask": torch.zeros_like(raw[:, :1]), "image": None, "aux": loss}

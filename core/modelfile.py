@@ -62,8 +62,11 @@ def load_model_file(path: str | Path, map_location="cpu") -> dict:
     except Exception as e:  # truncated, not a torch file at all, ...
         raise InputError(f"{path}: not a readable model file ({type(e).__name__}: {str(e)[:160]})") from None
     _check_layout(path, ckpt)
-    if not (isinstance(ckpt["config"], dict) and "model" in ckpt["config"] and "synth" in ckpt["config"]):
-        raise InputError(f"{path}: incomplete model file (no config.model or config.synth)")
+    c = ckpt["config"]
+    if not (isinstance(c, dict) and isinstance(c.get("model"), dict) and isinstance(c.get("synth"), dict)
+            and "arch" in c["model"] and "size" in c["synth"] and "channels" in c["synth"]):
+        raise InputError(f"{path}: incomplete model file (no config.model.arch, config.synth.size or "
+                         "config.synth.channels)")
     return ckpt
 
 

@@ -122,6 +122,10 @@ def check_values(cfg: dict, where: str) -> None:
             raise InputError(f"{where}: {key}: {value} does not exist")
 
 
+# keys of older versions that mean nothing now: accepted and dropped, so a config that sets them still loads
+RETIRED = {"baseline.n_val": "the training loop standardises a baseline on its own held-out crops (toolkit 0.5)"}
+
+
 def _check(value, default, key: str, where: str):
     if isinstance(default, dict):
         if not isinstance(value, dict):
@@ -129,6 +133,8 @@ def _check(value, default, key: str, where: str):
         out = copy.deepcopy(default)
         for k, v in value.items():
             sub = f"{key}.{k}" if key else k
+            if sub in RETIRED:
+                continue
             if k not in default and key not in ("synth.params",):
                 hint = difflib.get_close_matches(k, default.keys(), 1)
                 raise InputError(f"{where}: unknown key {sub!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))

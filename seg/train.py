@@ -208,6 +208,8 @@ class Trainer:
         self.curriculum = CurriculumSchedule(**t["curriculum"])
         if self.model.needs_normal:  # e.g. evidence_unet: its normal model is fitted on OK crops first
             n = cfg["model"]["normal_crops"]
+            if self.main:
+                log(f"{cfg['model']['arch']}: fitting its normal model on {n} OK crops of {cfg['synth']['size']} px")
             normal = crops_tensor(self.pool.random_crops(n, [NORMAL, t["seed"], 0]))
             other = self.held_out or self.pool
             held = crops_tensor(other.random_crops(max(16, n // 4), [NORMAL, t["seed"], 1]))

@@ -144,4 +144,36 @@ def test_the_autoencoder_learns_in_the_training_loop_from_clean_originals(fitted
     with torch.no_grad():
         before, after = (float(m.train().net.loss(ok, m.net.reconstruct(ok))) for m in (fresh, trained))
     assert after < 0.8 * before, (before, after)
-    assert float(trained.net.center) > 0 and float(trained.net.scale) != 1.0
+    assert load_model_file(tmp_path / "ae.pt")["config"]["train"]["augment"]["noise"] == 0  # flips alone
+
+
+def test_the_autoencoder_keeps_float32_under_mixed_precision_and_a_bad_batch_never_poisons_its_mapping():
+    torch.manual_seed(0)
+    ae = create_model("ssim_ae", "tu-tf_efficientnet_lite0", "none", 1, ae_width=8).train()
+    x = torch.rand(4, 1, 128, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ae(x, x)
+    assert out["aux"].dtype == torch.float32 and torch.isfinite(out["aux"])
+    center = float(ae.net.center)
+    assert center != 0.0
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    ae(bad, bad)
+    assert float(ae.net.center) == center  # the NaN batch left the running mapping as it was
+
+
+def test_seg_train_fits_a_baseline_from_the_command_line(ok_dir, tmp_path):
+    """`model.arch: padim` in `seg train` (the `import baseline` in the CLI registers it): a run folder whose best.pt
+    predicts, calibrated at the end like any model."""
+    from typer.testing import CliRunner
+
+    import cli
+
+    sets = [f"data.ok_dir={ok_dir}", "model.arch=padim", "model.padim_dims=16", "model.normal_crops=16",
+            "train.val_n=8", "calibrate.normal_crops=8", "calibrate.synth_n=8"]
+    args = ["seg", "train", "-o", str(tmp_path / "run"), *(x for s in sets for x in ("-s", s))]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    assert "nothing to learn by gradient" in r.output
+    ckpt = load_model_file(tmp_path / "run" / "best.pt")
+    assert ckpt["config"]["model"]["arch"] == "padim" and "calibration" in ckpt and len(ckpt["rows"]) == 1

@@ -61,12 +61,15 @@ def test_a_crafted_model_file_never_runs_its_code(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(InputError, match="junk.pt: not a readable model file"):
         load_model_file(tmp_path / "junk.pt")
-    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5), "model": {}, "synth": {}},
+    save_model_file(tmp_path / "plain.pt", {"config": {"a": np.float64(0.5), "model": {"arch": "unet"},
+                                                       "synth": {"size": 128, "channels": 1}},
                                             "model": {"w": torch.ones(2)}, "rows": [{"x": np.int64(3)}]})
     back = load_model_file(tmp_path / "plain.pt")  # numpy scalars are written as plain numbers
     assert back["config"]["a"] == 0.5 and type(back["rows"][0]["x"]) is int
-    save_model_file(tmp_path / "partial.pt", {"config": {"model": {}}, "model": {}})
-    with pytest.raises(InputError, match=r"partial.pt: incomplete model file \(no config.model or config.synth\)"):
+    save_model_file(tmp_path / "partial.pt", {"config": {"model": {"arch": "unet"}, "synth": {"size": 128}},
+                                              "model": {}})
+    with pytest.raises(InputError, match=r"partial.pt: incomplete model file \(no config.model.arch, config.synth.size"
+                                         r" or config.synth.channels\)"):
         load_model_file(tmp_path / "partial.pt")
 
 

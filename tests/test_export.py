@@ -91,8 +91,8 @@ def test_the_fixed_size_baselines_export_too(ok_dir, tmp_path, method, atol):
     normal, held = crops_tensor(pool.random_crops(16, 0)), crops_tensor(pool.random_crops(8, 1))
     if model.needs_normal:
         model.fit_normal(normal, held)
-    else:  # the untrained autoencoder: its logit mapping from normal maps, as training would make it
-        model.net.standardise(held)
+    else:  # the untrained autoencoder, in eval mode: a logit mapping from its normal maps, for maps of some spread
+        model.eval().net.standardise(held)
     ens = Ensemble([model], 1, 128, "cpu", "flip", threshold=PARAMS["threshold"])
     export_onnx(ens, PARAMS, tmp_path / "m.onnx")
     x = crops_tensor(crops_with_pits(4))
