@@ -66,8 +66,9 @@ class SSIMAutoencoder(AnomalyModel):
         return self.decoder(self.encoder(x))
 
     def loss(self, x: torch.Tensor, rec: torch.Tensor, l2_weight: float = 1.0) -> torch.Tensor:
-        """SSIM + L2 between OK crops and their reconstruction."""
-        return (1 - ssim_map(x, rec)).mean() + l2_weight * F.mse_loss(rec, x)
+        """SSIM (per channel) + L2 between OK crops and their reconstruction."""
+        ssim = torch.stack([ssim_map(x[:, c:c + 1], rec[:, c:c + 1]) for c in range(x.shape[1])])
+        return (1 - ssim).mean() + l2_weight * F.mse_loss(rec, x)
 
     def _map(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         per_channel = [1 - ssim_map(x[:, c:c + 1], rec[:, c:c + 1]) for c in range(x.shape[1])]

@@ -160,6 +160,9 @@ def test_the_autoencoder_keeps_float32_under_mixed_precision_and_a_bad_batch_nev
     bad[0, 0, 0, 0] = float("nan")
     ae(bad, bad)
     assert float(ae.net.center) == center  # the NaN batch left the running mapping as it was
+    colour = create_model("ssim_ae", "tu-tf_efficientnet_lite0", "none", 3, ae_width=8).train()
+    x3 = torch.rand(2, 3, 128, 128)
+    assert torch.isfinite(colour(x3, x3)["aux"])  # SSIM per channel: a 3-channel part trains too
 
 
 def test_seg_train_fits_a_baseline_from_the_command_line(ok_dir, tmp_path):
