@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from .common import MemoryModel, frozen, gaussian_blur
-from seg.models.features import FeatureExtractor
+from seg.models.features import FeatureExtractor, FrozenFeatures
 
 
-class Padim(MemoryModel):
+class Padim(FrozenFeatures, MemoryModel):
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", dims: int = 100,
                  size: int = 128, seed: int = 0, sigma: float = 4.0):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
@@ -28,11 +28,6 @@ class Padim(MemoryModel):
         p = self.grid * self.grid
         self.register_buffer("mu", torch.zeros(p, dims))
         self.register_buffer("cov_inv", torch.zeros(p, dims, dims))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.extractor.eval()  # frozen: batch-norm statistics never move
-        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, P, dims): layers upsampled to the finest one, concatenated, channels picked."""

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from .common import MemoryModel, frozen, gaussian_blur
-from seg.models.features import FeatureExtractor, greedy_coreset, local_patch_features, nearest
+from seg.models.features import FeatureExtractor, FrozenFeatures, greedy_coreset, local_patch_features, nearest
 
 
-class PatchCore(MemoryModel):
+class PatchCore(FrozenFeatures, MemoryModel):
+    sized_buffers = ("bank",)  # its size: what fitting chose
+
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
                  bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
@@ -25,17 +27,6 @@ class PatchCore(MemoryModel):
         self.register_buffer("image_center", torch.tensor(0.0))
         self.register_buffer("image_scale", torch.tensor(1.0))
         self.radius = float("nan")  # the coreset's covering radius, after `fit`
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.extractor.eval()  # frozen: batch-norm statistics never move
-        return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "bank"
-        if key in state_dict and state_dict[key].shape != self.bank.shape:
-            self.bank = torch.empty_like(state_dict[key], device=self.bank.device)  # its size: what fitting chose
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) locally aware patch features at the stride of the first layer."""

@@ -24,11 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import FeatureExtractor, greedy_coreset, local_patch_features, nearest, tail_standardiser
+from .features import FeatureExtractor, FrozenFeatures, greedy_coreset, local_patch_features, nearest, \
+    tail_standardiser
 
 
-class NormalEvidence(nn.Module):
+class NormalEvidence(FrozenFeatures):
     """Per-pixel distance of a crop's patches to a memory bank of normal patches, standardised."""
+
+    sized_buffers = ("bank",)  # its size: what fitting chose
 
     def __init__(self, weights: str = "lite", coreset_ratio: float = 0.1, sigma: float = 2.0, seed: int = 0):
         super().__init__()
@@ -41,17 +44,6 @@ class NormalEvidence(nn.Module):
         self.register_buffer("bank", torch.zeros(1, sum(self.extractor.channels)))
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.extractor.eval()  # frozen: batch-norm statistics never move
-        return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "bank"
-        if key in state_dict and state_dict[key].shape != self.bank.shape:
-            self.bank = torch.empty_like(state_dict[key], device=self.bank.device)  # its size: what fitting chose
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,26 @@ class FeatureExtractor(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+class FrozenFeatures(nn.Module):
+    """Base of a module on a frozen `extractor` (a `FeatureExtractor`) with buffers whose size fitting chooses
+    (`sized_buffers`, e.g. a memory bank): the extractor stays in eval mode (its batch-norm statistics never move)
+    and a state dict's buffers of another size replace the placeholders on load."""
+
+    sized_buffers: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.extractor.eval()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.sized_buffers:
+            key, mine = prefix + name, getattr(self, name)
+            if key in state_dict and state_dict[key].shape != mine.shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def tail_standardiser(values: torch.Tensor, q: float, cap: int | None = None) -> tuple[float, float]:
     """(center, scale) that put the `q` quantile of normal `values` at 0 and their median at -1: the one
     standardisation of normal maps (evidence channel, calibration). Above `cap` values, a fixed-seed random subset
