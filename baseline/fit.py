@@ -16,6 +16,8 @@ from seg.train import train
 
 METHODS = ("padim", "patchcore", "ssim_ae")
 AE_EPOCH_STEPS = 100  # the autoencoder's steps between two validations (and two checkpoints)
+# the `model` keys that `baseline_config` fills from the `baseline` section: an error names the key the user set
+SOURCE_KEYS = {"model.encoder": "baseline.backbone", "model.weights": "baseline.weights"}
 
 
 def peak_rss_mb() -> float:
@@ -62,6 +64,11 @@ def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=No
         train(cfg, log=log, progress=progress, warn=warn)
         seconds = time.perf_counter() - start
         os.replace(run / "best.pt", out)
+    except InputError as e:
+        key = next((k for k in SOURCE_KEYS if str(e).startswith(k + ":")), None)
+        if key is None:
+            raise
+        raise InputError(SOURCE_KEYS[key] + str(e)[len(key):]) from None
     finally:
         shutil.rmtree(run, ignore_errors=True)
     return {"method": method, "out": str(out), "fit_seconds": seconds, "peak_rss_mb": peak_rss_mb()}

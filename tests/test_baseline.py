@@ -129,6 +129,12 @@ def test_fit_baseline_is_seg_train_with_the_baseline_settings_and_writes_one_fil
     assert ckpt["model"]["net.idx"].shape == (32,)
     with pytest.raises(InputError, match="--method"):
         fit_baseline(cfg, "knn", tmp_path / "x.pt")
+    for sets, key in ((["baseline.backbone=resnet18"], "weights"),
+                      (["baseline.backbone=no_such_net", "baseline.weights=none"], "backbone")):
+        bad = load_config(None, [f"data.ok_dir={fitted[1]}", "baseline.n_train=8", *sets])
+        with pytest.raises(InputError, match=rf"^baseline\.{key}: "):  # the key the user set, not model.*
+            fit_baseline(bad, "patchcore", tmp_path / "x.pt", log=lambda m: None)
+    assert not (tmp_path / "x.pt").exists() and not list(tmp_path.glob(".x.pt.fit"))
 
 
 def test_the_autoencoder_learns_in_the_training_loop_from_clean_originals(fitted, tmp_path):
