@@ -50,9 +50,11 @@ ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
         "Hybrid UNet + PatchCore": ("hybrid", ["unet", "patchcore"]),
         "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"]),
         "Hybrid SimpleNet + PatchCore": ("hybrid_simplenet", ["simplenet", "patchcore"]),
-        "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"])}
+        "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"]),
+        "Hybrid Evidence UNet + PaDiM": ("hybrid_evidence_padim", ["evidence", "padim"])}
 METHODS = tuple(method for method, _ in ROWS.values())
-ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet")  # PatchCore with SimpleNet or RealNet: only with --methods
+# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM
+ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
               ("simplenet", "simplenet", "simplenet_s0"),
