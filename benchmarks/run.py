@@ -6,7 +6,8 @@
 
 Per part: trains the default segmenter (configs/default.yaml, the same for every set), fits PaDiM, PatchCore and
 the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
-SimpleNet or RealNet + PatchCore on request: `--methods realnet,hybrid_realnet`). Every model is
+SimpleNet or RealNet + PatchCore, or the evidence UNet + PaDiM, on request: `--methods realnet,hybrid_realnet`,
+`--methods hybrid_evidence_padim`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
 `ensemble predict -m FILE`), ensembles `ensemble calibrate`. Each method is predicted and evaluated on the part's
