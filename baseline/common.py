@@ -80,7 +80,3 @@ def map_standardiser(maps: torch.Tensor, cap: int = 1_000_000) -> tuple[float, f
     flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:cap].to(flat.device)]
     return float(torch.quantile(flat, 0.999)), float(flat.std())
 
-
-def frozen(module: nn.Module) -> nn.Module:
-    """`module` with no parameter left to learn (a pretrained extractor: the training loop leaves it alone)."""
-    return module.requires_grad_(False)

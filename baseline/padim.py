@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import MemoryModel, frozen, gaussian_blur
+from .common import MemoryModel, gaussian_blur
 from seg.models.features import FeatureExtractor, FrozenFeatures
 
 
@@ -16,8 +16,8 @@ class Padim(FrozenFeatures, MemoryModel):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
         `encoder`, and this is `none`)."""
         super().__init__()
-        self.extractor = frozen(FeatureExtractor(backbone, weights, (1, 2, 3), keys=("model.encoder",
-                                                                                       "model.weights")))
+        self.extractor = FeatureExtractor(backbone, weights, (1, 2, 3), keys=("model.encoder", "model.weights"))
+        self.extractor.requires_grad_(False)
         self.encoder = self.extractor
         total = sum(self.extractor.channels)
         dims = min(dims, total)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import MemoryModel, frozen, gaussian_blur
+from .common import MemoryModel, gaussian_blur
 from seg.models.features import FeatureExtractor, FrozenFeatures, greedy_coreset, local_patch_features, nearest
 
 
@@ -19,7 +19,8 @@ class PatchCore(FrozenFeatures, MemoryModel):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
         `encoder`, as for every registered model, and this is `none`)."""
         super().__init__()
-        self.extractor = frozen(FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights")))
+        self.extractor = FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights"))
+        self.extractor.requires_grad_(False)
         self.encoder = self.extractor
         dim = sum(self.extractor.channels)
         self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma

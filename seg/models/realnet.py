@@ -35,7 +35,7 @@ from torch import nn
 
 from core.io import InputError
 
-from .features import FeatureExtractor
+from .features import FeatureExtractor, FrozenFeatures
 
 
 def select_channels(residual: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ class Reconstructor(nn.Module):
         return self.out(torch.cat([a, b], 1))
 
 
-class RealNet(nn.Module):
+class RealNet(FrozenFeatures):
     wants_raw = True  # the frozen extractor has its own input normalisation
     wants_clean = True  # training: each sample's clean original (the reconstruction target)
     wants_pairs = True  # fit_normal: synthetic defects with their clean originals (AFS)
@@ -99,11 +99,6 @@ class RealNet(nn.Module):
             nn.Conv2d(2 * self.rrs, hidden, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden // 2), nn.ReLU(inplace=True),
             nn.Conv2d(hidden // 2, 1, 1))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.extractor.eval()  # frozen: batch-norm statistics never move
-        return self
 
     @torch.no_grad()
     def standardised(self, raw: torch.Tensor, select: bool = True) -> list[torch.Tensor]:

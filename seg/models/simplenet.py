@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import FeatureExtractor, local_patch_features
+from .features import FeatureExtractor, FrozenFeatures, local_patch_features
 
 
-class SimpleNet(nn.Module):
+class SimpleNet(FrozenFeatures):
     wants_raw = True  # the frozen extractor has its own input normalisation
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", hidden: int = 256,
@@ -48,11 +48,6 @@ class SimpleNet(nn.Module):
             self.adaptor.bias.zero_()
         self.discriminator = nn.Sequential(nn.Conv2d(d, hidden, 1), nn.BatchNorm2d(hidden),
                                            nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.extractor.eval()  # frozen: batch-norm statistics never move
-        return self
 
     def forward(self, xn: torch.Tensor, raw: torch.Tensor) -> dict:
         """xn: the image normalised for an encoder (unused: the extractor normalises `raw` itself); raw in [0, 1]."""
