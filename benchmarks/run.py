@@ -6,15 +6,16 @@
 
 Per part: trains the default segmenter (configs/default.yaml, the same for every set), fits PaDiM, PatchCore and
 the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
-SimpleNet or RealNet + PatchCore, or the evidence UNet + PaDiM, on request: `--methods realnet,hybrid_realnet`,
-`--methods hybrid_evidence_padim`). Every model is
+SimpleNet or RealNet + PatchCore, the evidence UNet + PaDiM, or the three, on request: `--methods
+realnet,hybrid_realnet`, `--methods hybrid_evidence_padim,hybrid_evidence3`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
 `ensemble predict -m FILE`), ensembles `ensemble calibrate`. Each method is predicted and evaluated on the part's
 TC_Images; the oracle score (thresholds chosen on the test crops themselves, reporting only) gives the calibration
 loss. Writes results.md (a table per part and a summary: mean and worst part per method), results.json,
 pr_curves_<part>.png and masks_grid_<part>.png. Each step runs as its own process, so wall time and peak memory
-(os.wait4) are per step; `--reuse` keeps every model already in --out.
+(os.wait4) are per step; `--reuse` keeps every model already in --out that was made with the same settings
+(steps.json records each step's command).
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
         "Hybrid Evidence UNet + PatchCore": ("hybrid_evidence", ["evidence", "patchcore"]),
         "Hybrid SimpleNet + PatchCore": ("hybrid_simplenet", ["simplenet", "patchcore"]),
         "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"]),
-        "Hybrid Evidence UNet + PaDiM": ("hybrid_evidence_padim", ["evidence", "padim"])}
+        "Hybrid Evidence UNet + PaDiM": ("hybrid_evidence_padim", ["evidence", "padim"]),
+        "Hybrid Evidence UNet + PaDiM + PatchCore": ("hybrid_evidence3", ["evidence", "padim", "patchcore"])}
 METHODS = tuple(method for method, _ in ROWS.values())
-# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM
-ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim")
+# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM (and PatchCore)
+ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim", "hybrid_evidence3")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
               ("simplenet", "simplenet", "simplenet_s0"),
@@ -147,11 +149,15 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
     steps: dict[str, dict] = read_json_file(steps_file) if (reuse and steps_file.exists()) else {}
 
     def step(key: str, cmd: list[str], product: Path) -> None:
+        # what the step was run with, the folder left out (a copied run folder is still reused)
+        args = [x.replace(str(out), "<out>") for x in cmd]
         if reuse and product.exists() and key in steps:
-            log(f"reusing {product}")
-            return
+            if steps[key].get("args", args) == args:  # a steps.json from before the record: trusted as it is
+                log(f"reusing {product}")
+                return
+            log(f"not reusing {product}: made with other settings ({' '.join(steps[key]['args'])})")
         r = run(cmd, log)
-        steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"]}
+        steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"], "args": args}
         write_json(steps_file, steps)
 
     files = {}

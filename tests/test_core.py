@@ -7,8 +7,10 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -402,3 +404,40 @@ def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, monk
         assert sets[-2:] == ["data.holdout=0.3", "baseline.n_train=900"]
     fit = [calls[1][i + 1] for i, x in enumerate(calls[1]) if x == "-s"]
     assert fit.index("baseline.n_train=300") < fit.index("baseline.n_train=900")
+
+
+def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_path, monkeypatch):
+    """`benchmarks/run.py --reuse` keeps a model made by the same command (in a copied folder too), and makes it
+    again when the overrides differ: a reused model never stands for another setting."""
+    import benchmarks.run as bench
+
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        Path(cmd[cmd.index("-o") + 1]).touch()
+        return {"seconds": 1.0, "peak_mb": 1.0}
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "load_ground_truth", stop)
+    monkeypatch.setattr(bench, "competition_dir", lambda *a: tmp_path)
+
+    def once(out, overrides):
+        calls.clear()
+        with pytest.raises(Stop):
+            bench.run_set("x-p1", str(tmp_path), 1, out, dict(bench.FULL), ("padim",), True, print,
+                          overrides=overrides)
+        return len(calls)
+
+    assert once(tmp_path / "a", ("baseline.seed=0",)) == 1
+    assert once(tmp_path / "a", ("baseline.seed=0",)) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert once(tmp_path / "b", ("baseline.seed=0",)) == 0  # the folder's own path is not a setting
+    assert once(tmp_path / "b", ("baseline.seed=1",)) == 1
+    assert once(tmp_path / "b", ("baseline.seed=1",)) == 0
