@@ -194,6 +194,8 @@ class ReportBar:
     """A progress-bar factory for code running in a `run_each` child: `bar(k, **fields)` reports k to the parent
     (the fields, a live loss, stay in the child)."""
 
+    shows_side_tasks = False  # the parent's bar counts training steps: a coreset's progress does not go there
+
     def __init__(self, description: str, total: int):
         pass
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from core.device import place, resolve_device
 from core.metrics import competition_score, dice_iou
+from core.progress import progress_to
 from core.modelfile import load_model_file, save_model_file
 from core.workers import STALL_SECONDS, WorkerError, limit_threads
 from core.workers import context as worker_context
@@ -217,7 +218,11 @@ class Trainer:
             if self.model.wants_pairs and pairs is None and warn and self.main:
                 warn(f"{self.pool.root}: no synthetic defect could be drawn for the model's feature selection; "
                      "it keeps its default features")
-            self.model.fit_normal(normal, held, pairs)
+            # long work inside the fit (a coreset) gets a bar of its own; not on a parent's bar that counts
+            # training steps only (core.workers.ReportBar)
+            side = self.progress if self.main and getattr(self.progress, "shows_side_tasks", True) else None
+            with progress_to(side):
+                self.model.fit_normal(normal, held, pairs)
         self.model = place(self.model, self.device)
         # a model whose normal model is all its training (padim, patchcore) takes no gradient step: one epoch of
         # validation, then its files, as for any model

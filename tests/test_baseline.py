@@ -15,6 +15,7 @@ from baseline.fit import fit_baseline
 from baseline.patchcore import greedy_coreset, nearest
 from core.io import InputError
 from core.modelfile import load_model_file, save_model_file
+from core.progress import progress_to
 from ensemble.models import Ensemble, load_model
 from core.postprocess import postprocess
 from seg.config import load_config
@@ -88,6 +89,49 @@ def test_coreset_covers_the_bank_within_its_radius():
     assert radii[0] > radii[1] > radii[2]
     d, i = nearest(bank[:10], bank, k=2, chunk=3)
     assert torch.all(i[:, 0] == torch.arange(10)) and torch.allclose(d[:, 0], torch.zeros(10), atol=5e-3)
+
+
+class RecordingBar:
+    """A progress-bar factory, as cli.Bar, that records (description, total, steps shown)."""
+    seen: list = []
+    shows_side_tasks = True
+
+    def __init__(self, description: str, total: int):
+        self.row = [description, total, 0]
+        self.seen.append(self.row)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __call__(self, k: int = 1, **fields) -> None:
+        self.row[2] += k
+
+
+def test_the_coreset_shows_its_progress_on_the_callers_bar(fitted, tmp_path):
+    """The greedy coreset (PatchCore's, the evidence UNet's) reports every selection to the bar the caller set up,
+    none without one (same selection), and `baseline fit` shows it; a parent's bar that counts training steps
+    (`shows_side_tasks` false, as core.workers.ReportBar) is not given it."""
+    bank = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    RecordingBar.seen = []
+    with progress_to(RecordingBar):
+        idx, _ = greedy_coreset(bank, 250)
+    assert RecordingBar.seen == [["coreset", 249, 249]]
+    assert torch.equal(greedy_coreset(bank, 250)[0], idx)
+    cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "baseline.n_train=8", "baseline.coreset_ratio=0.1",
+                             "train.val_n=8", "calibrate.normal_crops=8", "calibrate.synth_n=8"])
+    RecordingBar.seen = []
+    fit_baseline(cfg, "patchcore", tmp_path / "pc.pt", progress=RecordingBar, log=lambda m: None)
+    assert [r[0] for r in RecordingBar.seen] == ["coreset"] and RecordingBar.seen[0][1] == RecordingBar.seen[0][2] > 0
+
+    class StepsOnly(RecordingBar):
+        shows_side_tasks = False
+
+    RecordingBar.seen = []
+    fit_baseline(cfg, "patchcore", tmp_path / "pc2.pt", progress=StepsOnly, log=lambda m: None)
+    assert RecordingBar.seen == []
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore", "ssim_ae"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.io import InputError
+from core.progress import task
 
 from .encoders import load_lite_weights
 
@@ -105,10 +106,15 @@ def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, project: int | Non
     nxt = int(torch.randint(len(bank), (1,), generator=g))
     idx = [nxt]
     min_sq = (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0)
-    for _ in range(n - 1):
-        nxt = int(torch.argmax(min_sq))
-        idx.append(nxt)
-        torch.minimum(min_sq, (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0), out=min_sq)
+    every, shown = max(1, (n - 1) // 100), 0  # the bar moves by about 1 %
+    with task("coreset", n - 1) as bar:
+        for i in range(n - 1):
+            nxt = int(torch.argmax(min_sq))
+            idx.append(nxt)
+            torch.minimum(min_sq, (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0), out=min_sq)
+            if (i + 1) % every == 0 or i == n - 2:
+                bar(i + 1 - shown)
+                shown = i + 1
     return torch.tensor(idx), float(min_sq.max().sqrt())
 
 
