@@ -303,7 +303,7 @@ def _train_seed(c: dict, resume: bool, calibrate: bool) -> list[tuple[str, str]]
         summary = train(c, resume=resume, log=log, progress=ReportBar, warn=lambda m: note("warn", m))
         note("info", _trained(c, summary))
         if calibrate:
-            calibrate_file(out / "best.pt", note)
+            calibrate_file(out / "best.pt", note, bars=False)  # a child process: the parent's bar counts steps
     return notes
 
 
@@ -339,14 +339,16 @@ def _say(kind: str, text: str) -> None:
         console.print(text, highlight=False)
 
 
-def calibrate_file(path: Path, say=_say) -> None:
+def calibrate_file(path: Path, say=_say, bars: bool = True) -> None:
     """Calibrate a freshly written model file from its own config's held-out OK images (a failure only warns:
     the model stays, `ensemble calibrate` can do it later). `say(kind, text)`: where the lines go (kind "info"
-    or "warn"; by default this console)."""
+    or "warn"; by default this console); `bars`: its progress on this console's bars."""
+    from core.progress import progress_to
     from ensemble.calibrate import calibrate_model_file, sheet_path
 
     try:
-        r = calibrate_model_file(path, warn=lambda m: say("warn", m))
+        with progress_to(Bar if bars else None):
+            r = calibrate_model_file(path, warn=lambda m: say("warn", m))
     except (InputError, ValueError) as e:
         say("warn", f"{path}: not calibrated ({e}); run `ensemble calibrate` on it")
         return
@@ -500,6 +502,7 @@ def ensemble_calibrate(
     that set it are drawn in <out>_calibration.png. An ensemble of calibrated model files decides with the merged
     map and outlines where its models agree (--no-shape: the merged map's own outline)."""
     from core.modelfile import load_model_file
+    from core.progress import progress_to
     from ensemble.calibrate import calibrate_from_config, sheet_path
     from ensemble.evaluate import has_ground_truth, load_ground_truth
     from core.io import read_image, write_json
@@ -521,7 +524,8 @@ def ensemble_calibrate(
         sheet = None if labelled is not None else sheet_path(out)
         if sheet is None:  # chosen on labelled crops: an older sheet beside `out` would no longer describe it
             sheet_path(out).unlink(missing_ok=True)
-        report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn, sheet=sheet)
+        with progress_to(Bar):
+            report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn, sheet=sheet)
         spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
                 "weights": [float(w) for w in ens.weights], "norms": report["norms"], "params": report["params"],
                 "calibration": {k: v for k, v in report.items() if k not in ("norms", "params")}}

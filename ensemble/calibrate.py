@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core.io import write_png
+from core.progress import task
 from core.modelfile import load_model_file, set_calibration
 from core.postprocess import agreement, decide, evidence, postprocess, shaped
 from seg.models.features import tail_standardiser
@@ -89,11 +90,13 @@ def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
     x = x.float().div_(255)
     pix: list[list[torch.Tensor]] = [[] for _ in ens.models]
     heads: list[list[torch.Tensor]] = [[] for _ in ens.models]
-    for k in range(0, len(x), ens.batch_size):
-        for i, (m, h) in enumerate(ens.raw_forward(x[k:k + ens.batch_size])):
-            pix[i].append(m.flatten().cpu())
-            if h is not None:
-                heads[i].append(h.cpu())
+    with task("calibrate: map scales", len(x)) as bar:
+        for k in range(0, len(x), ens.batch_size):
+            for i, (m, h) in enumerate(ens.raw_forward(x[k:k + ens.batch_size])):
+                pix[i].append(m.flatten().cpu())
+                if h is not None:
+                    heads[i].append(h.cpu())
+            bar(len(x[k:k + ens.batch_size]))
     return [{"pixel": list(tail_standardiser(torch.cat(pix[i]).double(), 0.999, cap=2_000_000)),
              "image": list(tail_standardiser(torch.cat(heads[i]).double(), 0.99)) if heads[i] else None}
             for i in range(len(ens.models))]
@@ -286,6 +289,16 @@ def member_thresholds(ens: Ensemble, norms: Sequence[dict]) -> list[float] | Non
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def predict_shown(ens: Ensemble, images: Sequence[np.ndarray], what: str) -> list[dict]:
+    """`ens.predict` in chunks of a few batches, on a progress bar when the caller set one up (core.progress)."""
+    images, out, step = list(images), [], 4 * ens.batch_size
+    with task(f"calibrate: {what}", len(images)) as bar:
+        for k in range(0, len(images), step):
+            out += ens.predict(images[k:k + step])
+            bar(len(images[k:k + step]))
+    return out
+
+
 def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list, list] | None, defaults: dict,
               target_overkill: float, labelled: tuple[list, list] | None = None, balance_sizes: bool = False,
               sheet: str | Path | None = None, normal_where: Sequence[tuple] | None = None, warn=None,
@@ -314,7 +327,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
 
     if labelled is not None:
         images, gt = labelled
-        results = ens.predict(list(images))
+        results = predict_shown(ens, images, "labelled crops")
         best = best_on_labelled(results, list(gt), ens.rehit, params["opening"], rois_for(images, roi),
                                 gates=gates(results))
         mode = "labelled"
@@ -322,7 +335,8 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         if synthetic is None or not len(synthetic[0]):
             raise ValueError("calibration needs synthetic defects (or labelled real crops); none were given")
         rois = None if roi is None else (rois_for(normal, roi), rois_for(synthetic[0], roi))
-        on_normal, on_synthetic = ens.predict(list(normal)), ens.predict(list(synthetic[0]))
+        on_normal = predict_shown(ens, normal, "held-out normal crops")
+        on_synthetic = predict_shown(ens, synthetic[0], "synthetic defects")
         best = operating_point(on_normal, on_synthetic, list(synthetic[1]), ens.rehit, params["opening"],
                                target_overkill, rois, balance_sizes, gates(on_synthetic))
         mode = "ok-images"

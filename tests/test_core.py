@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,7 @@ from conftest import ROOT, textured
 
 from baseline.fit import fit_baseline
 from core.modelfile import load_model_file, model_paths, save_model_file
+from core.progress import progress_to
 from ensemble import predict as predict_mod
 from ensemble.calibrate import calibrate_model_file, calibration_pools, calibration_sheet, crowded_band
 from seg.config import load_config
@@ -122,6 +124,17 @@ def test_model_file_carries_its_thresholds_and_predict_uses_them(ok_dir, tmp_pat
     out = calibrate_model_file(tmp_path / "m.pt", "cpu")
     cal = load_model_file(tmp_path / "m.pt")["calibration"]
     assert cal["params"] == out["params"] and cal["tta"] == "none"
+    bars = []  # again on progress bars (as the command line shows it): the same operating point
+
+    @contextmanager
+    def bar(description, total):
+        bars.append([description, total, 0])
+        yield lambda k=1, **f: bars[-1].__setitem__(2, bars[-1][2] + k)
+
+    with progress_to(bar):
+        assert calibrate_model_file(tmp_path / "m.pt", "cpu")["params"] == out["params"]
+    assert bars == [["calibrate: map scales", 32, 32], ["calibrate: held-out normal crops", 32, 32],
+                    ["calibrate: synthetic defects", 24, 24]]
     assert cal["held_out_images"] == SourcePool(ok_dir).split(0.2, 0)[1].paths
     images = tmp_path / "TC_Images"
     images.mkdir()
