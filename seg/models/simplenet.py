@@ -38,8 +38,7 @@ class SimpleNet(FrozenFeatures):
         self.extractor = FeatureExtractor(backbone, "none" if weights == "lite" else weights, (2, 3),
                                           keys=("model.encoder", "model.weights"))
         self.encoder = self.extractor
-        for p in self.extractor.parameters():
-            p.requires_grad_(False)
+        self.extractor.requires_grad_(False)
         d = sum(self.extractor.channels)
         self.noise, self.image_head = noise, image_head
         self.adaptor = nn.Conv2d(d, d, 1)
