@@ -14,8 +14,8 @@ models use the calibration stored in their model file by `seg train` / `baseline
 TC_Images; the oracle score (thresholds chosen on the test crops themselves, reporting only) gives the calibration
 loss. Writes results.md (a table per part and a summary: mean and worst part per method), results.json,
 pr_curves_<part>.png and masks_grid_<part>.png. Each step runs as its own process, so wall time and peak memory
-(os.wait4) are per step; `--reuse` keeps every model already in --out that was made with the same settings
-(steps.json records each step's command).
+(os.wait4) are per step; `--reuse` keeps every model already in --out that was made by the same command line
+(steps.json records each step's; a changed config file, code or data is not seen).
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
                 log(f"reusing {product}")
                 return
             log(f"not reusing {product}: made with other settings ({' '.join(steps[key]['args'])})")
+        if steps.pop(key, None) is not None:  # a run that dies now leaves no record for what it half-wrote
+            write_json(steps_file, steps)
         r = run(cmd, log)
         steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"], "args": args}
         write_json(steps_file, steps)
@@ -243,10 +245,12 @@ def main(argv=None) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad[0]!r} (known: {', '.join(METHODS)})")
-    try:
-        tta_modes(a.hybrid_tta, 2)  # one mode, or one per model of a hybrid (segmenter, PatchCore): d4,flip
-    except InputError as e:
-        raise SystemExit(f"--hybrid-tta: {e}") from None
+    for method, parts in ROWS.values():  # one mode, or one per model of each hybrid asked for (d4,flip)
+        if method in methods and len(parts) > 1:
+            try:
+                tta_modes(a.hybrid_tta, len(parts))
+            except InputError as e:
+                raise SystemExit(f"--hybrid-tta for {method} ({len(parts)} models): {e}") from None
     b = dict(QUICK if a.quick else FULL)
     if a.epochs is not None:
         b["epochs"] = a.epochs

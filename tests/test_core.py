@@ -23,7 +23,9 @@ from baseline.fit import fit_baseline
 from core.modelfile import load_model_file, model_paths, save_model_file
 from core.progress import progress_to
 from ensemble import predict as predict_mod
-from ensemble.calibrate import calibrate_model_file, calibration_pools, calibration_sheet, crowded_band
+from ensemble.calibrate import (calibrate_model_file, calibration_pools, calibration_sheet, crowded_band,
+                                predict_shown)
+from ensemble.models import Ensemble, load_model
 from seg.config import load_config
 from synth.engine import SourcePool
 from core.io import InputError
@@ -135,6 +137,10 @@ def test_model_file_carries_its_thresholds_and_predict_uses_them(ok_dir, tmp_pat
         assert calibrate_model_file(tmp_path / "m.pt", "cpu")["params"] == out["params"]
     assert bars == [["calibrate: map scales", 32, 32], ["calibrate: held-out normal crops", 32, 32],
                     ["calibrate: synthetic defects", 24, 24]]
+    ens = Ensemble([load_model(tmp_path / "m.pt", torch.device("cpu"))[0]], 1, 128, "cpu", "none", batch_size=3)
+    crops = [textured(30 + i)[:128, 40:168] for i in range(14)]  # chunks of 12 crops, the last one short
+    for a, b in zip(predict_shown(ens, crops, "x"), ens.predict(crops), strict=True):
+        assert np.array_equal(a["map"], b["map"]) and a["image"] == b["image"]
     assert cal["held_out_images"] == SourcePool(ok_dir).split(0.2, 0)[1].paths
     images = tmp_path / "TC_Images"
     images.mkdir()
