@@ -460,3 +460,13 @@ def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_pat
     assert once(tmp_path / "b", ("baseline.seed=0",)) == 0  # the folder's own path is not a setting
     assert once(tmp_path / "b", ("baseline.seed=1",)) == 1
     assert once(tmp_path / "b", ("baseline.seed=1",)) == 0
+
+    def crash(cmd, log):  # re-made for seed 2, dead half-way: the half-written file stands for no setting
+        Path(cmd[cmd.index("-o") + 1]).touch()
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(bench, "run", crash)
+    with pytest.raises(RuntimeError):
+        once(tmp_path / "b", ("baseline.seed=2",))
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert once(tmp_path / "b", ("baseline.seed=1",)) == 1
