@@ -394,27 +394,37 @@ def test_recalibrate_copies_the_models_only_and_never_touches_the_run_it_reads(t
     assert not (tmp_path / "o2").exists()
 
 
-def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, monkeypatch):
-    """`benchmarks/run.py -s KEY=VALUE` goes to the segmenters' training and to the baselines' fit alike, last (so it
-    wins over the budget's settings): a data.holdout override gives the hybrid's models one held-out split."""
+class StopBench(Exception):
+    """Raised where `benchmarks.run.run_set` would read the test crops: the steps before it are what is tested."""
+
+
+@pytest.fixture
+def bench_steps(tmp_path, monkeypatch):
+    """`benchmarks.run` with its steps recorded, not run (each touches the file it would make), and stopped before
+    the evaluation: (the module, the list of step commands)."""
     import benchmarks.run as bench
 
     calls = []
 
     def fake_run(cmd, log):
         calls.append(cmd)
-        return {"seconds": 0.0, "peak_mb": 0.0}
-
-    class Stop(Exception):
-        pass
+        Path(cmd[cmd.index("-o") + 1]).touch()
+        return {"seconds": 1.0, "peak_mb": 1.0}
 
     def stop(*a, **k):
-        raise Stop
+        raise StopBench
 
     monkeypatch.setattr(bench, "run", fake_run)
     monkeypatch.setattr(bench, "load_ground_truth", stop)
     monkeypatch.setattr(bench, "competition_dir", lambda *a: tmp_path)
-    with pytest.raises(Stop):
+    return bench, calls
+
+
+def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, bench_steps):
+    """`benchmarks/run.py -s KEY=VALUE` goes to the segmenters' training and to the baselines' fit alike, last (so it
+    wins over the budget's settings): a data.holdout override gives the hybrid's models one held-out split."""
+    bench, calls = bench_steps
+    with pytest.raises(StopBench):
         bench.run_set("x-p1", str(tmp_path), 1, tmp_path / "out", dict(bench.FULL), ("evidence", "patchcore"),
                       False, print, overrides=("data.holdout=0.3", "baseline.n_train=900"))
     assert [c[:2] for c in calls] == [["seg", "train"], ["baseline", "fit"]]
@@ -425,31 +435,15 @@ def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, monk
     assert fit.index("baseline.n_train=300") < fit.index("baseline.n_train=900")
 
 
-def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_path, monkeypatch):
+def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_path, bench_steps, monkeypatch):
     """`benchmarks/run.py --reuse` keeps a model made by the same command (in a copied folder too), and makes it
     again when the overrides differ: a reused model never stands for another setting."""
-    import benchmarks.run as bench
-
-    calls = []
-
-    def fake_run(cmd, log):
-        calls.append(cmd)
-        Path(cmd[cmd.index("-o") + 1]).touch()
-        return {"seconds": 1.0, "peak_mb": 1.0}
-
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
-    monkeypatch.setattr(bench, "run", fake_run)
-    monkeypatch.setattr(bench, "load_ground_truth", stop)
-    monkeypatch.setattr(bench, "competition_dir", lambda *a: tmp_path)
+    bench, calls = bench_steps
+    fake_run = bench.run
 
     def once(out, overrides):
         calls.clear()
-        with pytest.raises(Stop):
+        with pytest.raises(StopBench):
             bench.run_set("x-p1", str(tmp_path), 1, out, dict(bench.FULL), ("padim",), True, print,
                           overrides=overrides)
         return len(calls)
