@@ -6,7 +6,7 @@
 For every part folder of --bench (each has a steps.json), copies its model files (each segmenter's best.pt, its
 seeds' too; each baseline's .pt; never last.pt) and steps.json into --out, writes the overrides into each copy's
 stored config, calibrates each copy again from its own held-out OK images (`ensemble.calibrate.calibrate_model_file`,
-what `seg train` and `baseline fit` do at their end), then runs `benchmarks/run.py --reuse` on --out: ensembles
+what `seg train` and `baseline fit` do at their end), then runs `benchmarks/run.py --reuse-any` on --out: ensembles
 calibrated again, every method predicted and scored. The trained models are the same, so their maps are (pixel AP
 and AUROC do not move, unless a TTA changes); only the operating points do: a change of calibration measured on the
 same models. Without -s the copies keep the calibration they carry, and only the ensembles are calibrated again
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
                 print(f"{f}: calibrated again: {calibrate_model_file(f)['params']}", flush=True)
             except (InputError, ValueError) as e:  # e.g. a model whose OK images are not on this machine
                 raise SystemExit(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}") from None
-    return bench.main(["--reuse", "--out", str(out), "--methods", a.methods, "--sets", ",".join(sets),
+    return bench.main(["--reuse-any", "--out", str(out), "--methods", a.methods, "--sets", ",".join(sets),
                        "--data-root", a.data_root, "--hybrid-tta", a.hybrid_tta])
 
 

@@ -138,9 +138,10 @@ def parse_sets(sets: str | None, data: str | None, part: int, data_root: str) ->
     return out
 
 
-def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool, log,
+def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool | str, log,
             hybrid_tta: str = "flip", overrides: tuple[str, ...] = ()) -> dict:
-    """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}.
+    """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}. `reuse`:
+    keep the models made by the same command (True), or every model there, however made ("any").
     `overrides` (key=value) go to every model: each segmenter's training and each baseline's fit, e.g.
     synth.families={...} or data.holdout=0.3 (a hybrid's models then share one held-out split)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         # what the step was run with, the folder left out (a copied run folder is still reused)
         args = [x.replace(str(out), "<out>") for x in cmd]
         if reuse and product.exists() and key in steps:
-            if steps[key].get("args", args) == args:  # a steps.json from before the record: trusted as it is
+            if reuse == "any" or steps[key].get("args", args) == args:  # "any": recalibrate.py; no record: trusted
                 log(f"reusing {product}")
                 return
             log(f"not reusing {product}: made with other settings ({' '.join(steps[key]['args'])})")
@@ -230,7 +231,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--quick", action="store_true", help="small training budget (every set in under 20 minutes)")
-    ap.add_argument("--reuse", action="store_true", help="keep the models already in --out; re-run the evaluation")
+    ap.add_argument("--reuse", action="store_true", help="keep the models already in --out made by the same "
+                    "command; re-run the evaluation")
+    ap.add_argument("--reuse-any", action="store_true", help="keep every model already in --out, whatever made it "
+                    "(benchmarks/recalibrate.py, whose copies carry other settings than the command's)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="the segmenters' epochs (default: the config's; 4 with --quick)")
     ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
@@ -283,7 +287,8 @@ def main(argv=None) -> dict:
         return results
     per_set = {}
     for label, data, part in sets:
-        per_set[label] = run_set(label, data, part, out / label, b, methods, a.reuse, log, a.hybrid_tta,
+        reuse = "any" if a.reuse_any else a.reuse
+        per_set[label] = run_set(label, data, part, out / label, b, methods, reuse, log, a.hybrid_tta,
                                  tuple(a.overrides))
     meta = run_meta(per_set)
     write_json(out / "results.json", {"meta": meta, "results": per_set})

@@ -441,10 +441,10 @@ def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_pat
     bench, calls = bench_steps
     fake_run = bench.run
 
-    def once(out, overrides):
+    def once(out, overrides, reuse=True):
         calls.clear()
         with pytest.raises(StopBench):
-            bench.run_set("x-p1", str(tmp_path), 1, out, dict(bench.FULL), ("padim",), True, print,
+            bench.run_set("x-p1", str(tmp_path), 1, out, dict(bench.FULL), ("padim",), reuse, print,
                           overrides=overrides)
         return len(calls)
 
@@ -454,6 +454,7 @@ def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_pat
     assert once(tmp_path / "b", ("baseline.seed=0",)) == 0  # the folder's own path is not a setting
     assert once(tmp_path / "b", ("baseline.seed=1",)) == 1
     assert once(tmp_path / "b", ("baseline.seed=1",)) == 0
+    assert once(tmp_path / "b", ("baseline.seed=3",), reuse="any") == 0  # recalibrate.py: whatever made it
 
     def crash(cmd, log):  # re-made for seed 2, dead half-way: the half-written file stands for no setting
         Path(cmd[cmd.index("-o") + 1]).touch()
