@@ -265,8 +265,8 @@ def seg_train(
                 if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
                     calibrate_file(Path(summary["out"]) / "best.pt")
         if len(runs) > 1:
-            console.print(f"{len(runs)} models in {base}; as one hybrid with PaDiM and PatchCore (baseline fit): "
-                          f"ensemble calibrate -m {base} -m PADIM.pt -m PATCHCORE.pt --tta flip -o hybrid.json")
+            console.print(f"{len(runs)} models in {base}; as one hybrid with PatchCore: ensemble calibrate -m {base} "
+                          "-m PATCHCORE.pt --tta flip -o hybrid.json")
 
 
 def _trained(c: dict, summary: dict) -> str:

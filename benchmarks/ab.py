@@ -136,8 +136,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1", help="train.seed values, comma-separated")
     ap.add_argument("--sets", default=DEV_SETS, help="as benchmarks/run.py")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
-    ap.add_argument("--methods", default="evidence,padim,patchcore,hybrid_evidence3,hybrid_evidence",
-                    help="as benchmarks/run.py")
+    ap.add_argument("--methods", default="evidence,patchcore,hybrid_evidence", help="as benchmarks/run.py")
     ap.add_argument("--out", default="runs/ab")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each run")

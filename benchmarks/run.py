@@ -5,10 +5,9 @@
     python cli.py bench ...            (the same)
 
 Per part: trains the default segmenter (configs/default.yaml, the same for every set), fits PaDiM, PatchCore and
-the SSIM autoencoder, and builds the hybrids (mean of their models' standardised maps): the default, the evidence
-UNet + PaDiM + PatchCore (`hybrid_evidence3`), and the UNet or the evidence UNet + PatchCore; SimpleNet or RealNet +
-PatchCore, or the evidence UNet + PaDiM, on request (`--methods realnet,hybrid_realnet`, `--methods
-hybrid_evidence_padim`). Every model is
+the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
+SimpleNet or RealNet + PatchCore, the evidence UNet + PaDiM, or the three, on request: `--methods
+realnet,hybrid_realnet`, `--methods hybrid_evidence_padim,hybrid_evidence3`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
 `ensemble predict -m FILE`), ensembles `ensemble calibrate`. Each method is predicted and evaluated on the part's
@@ -57,8 +56,8 @@ ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
         "Hybrid Evidence UNet + PaDiM": ("hybrid_evidence_padim", ["evidence", "padim"]),
         "Hybrid Evidence UNet + PaDiM + PatchCore": ("hybrid_evidence3", ["evidence", "padim", "patchcore"])}
 METHODS = tuple(method for method, _ in ROWS.values())
-# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM alone
-ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim")
+# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM (and PatchCore)
+ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim", "hybrid_evidence3")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
               ("simplenet", "simplenet", "simplenet_s0"),
