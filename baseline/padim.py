@@ -17,7 +17,6 @@ class Padim(FrozenFeatures, MemoryModel):
         `encoder`, and this is `none`)."""
         super().__init__()
         self.extractor = FeatureExtractor(backbone, weights, (1, 2, 3), keys=("model.encoder", "model.weights"))
-        self.extractor.requires_grad_(False)
         self.encoder = self.extractor
         total = sum(self.extractor.channels)
         dims = min(dims, total)

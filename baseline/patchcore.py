@@ -20,7 +20,6 @@ class PatchCore(FrozenFeatures, MemoryModel):
         `encoder`, as for every registered model, and this is `none`)."""
         super().__init__()
         self.extractor = FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights"))
-        self.extractor.requires_grad_(False)
         self.encoder = self.extractor
         dim = sum(self.extractor.channels)
         self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma

@@ -38,7 +38,6 @@ class NormalEvidence(FrozenFeatures):
         # the offline Lite weights for any pretrained choice (they ship with the requirements); random only for tests
         backbone_weights = "none" if weights == "none" else "lite"
         self.extractor = FeatureExtractor("tf_efficientnet_lite0", backbone_weights, (2, 3))
-        self.extractor.requires_grad_(False)
         self.coreset_ratio, self.sigma, self.seed = coreset_ratio, sigma, seed
         self.register_buffer("bank", torch.zeros(1, sum(self.extractor.channels)))
         self.register_buffer("center", torch.tensor(0.0))

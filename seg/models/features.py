@@ -56,9 +56,15 @@ class FeatureExtractor(nn.Module):
 class FrozenFeatures(nn.Module):
     """Base of a module on a frozen `extractor` (a `FeatureExtractor`) with buffers whose size fitting chooses
     (`sized_buffers`, e.g. a memory bank): the extractor stays in eval mode (its batch-norm statistics never move)
-    and a state dict's buffers of another size replace the placeholders on load."""
+    and a state dict's buffers of another size replace the placeholders on load. An `extractor` set on it is frozen
+    there (no gradient), so no subclass freezes its own."""
 
     sized_buffers: tuple[str, ...] = ()
+
+    def __setattr__(self, name, value):
+        if name == "extractor" and isinstance(value, nn.Module):
+            value.requires_grad_(False)
+        super().__setattr__(name, value)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -84,7 +84,6 @@ class RealNet(FrozenFeatures):
         self.extractor = FeatureExtractor(backbone, "none" if weights == "lite" else weights, (1, 2, 3),
                                           keys=("model.encoder", "model.weights"))
         self.encoder = self.extractor
-        self.extractor.requires_grad_(False)
         chans = self.extractor.channels
         self.kept = [max(1, round(c * keep)) for c in chans]
         for level, (c, k) in enumerate(zip(chans, self.kept)):

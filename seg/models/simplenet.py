@@ -38,7 +38,6 @@ class SimpleNet(FrozenFeatures):
         self.extractor = FeatureExtractor(backbone, "none" if weights == "lite" else weights, (2, 3),
                                           keys=("model.encoder", "model.weights"))
         self.encoder = self.extractor
-        self.extractor.requires_grad_(False)
         d = sum(self.extractor.channels)
         self.noise, self.image_head = noise, image_head
         self.adaptor = nn.Conv2d(d, d, 1)
