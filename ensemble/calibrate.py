@@ -33,7 +33,7 @@ from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
 from synth.streams import CALIBRATION, stream
 
-from .models import Ensemble, head_or_peak
+from .models import Ensemble
 
 NORMAL_QUANTILES = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -85,8 +85,7 @@ def calibration_pools(cfg: dict, warn=None) -> tuple[SourcePool, bool]:
 # ------------------------------------------------------------------------------------------------ scale
 @torch.no_grad()
 def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
-    """One normaliser per model from its raw (TTA-averaged) maps on normal crops of the model's tile size: the
-    maps' pixels, and the image scores (`head_or_peak`: the image head, or the map's peak for a model without one)."""
+    """One normaliser per model from its raw (TTA-averaged) maps on normal crops of the model's tile size."""
     x = torch.from_numpy(np.stack([im if im.ndim == 3 else im[..., None] for im in images])).permute(0, 3, 1, 2)
     x = x.float().div_(255)
     pix: list[list[torch.Tensor]] = [[] for _ in ens.models]
@@ -95,10 +94,11 @@ def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
         for k in range(0, len(x), ens.batch_size):
             for i, (m, h) in enumerate(ens.raw_forward(x[k:k + ens.batch_size])):
                 pix[i].append(m.flatten().cpu())
-                heads[i].append(head_or_peak(m, h).cpu())
+                if h is not None:
+                    heads[i].append(h.cpu())
             bar(len(x[k:k + ens.batch_size]))
     return [{"pixel": list(tail_standardiser(torch.cat(pix[i]).double(), 0.999, cap=2_000_000)),
-             "image": list(tail_standardiser(torch.cat(heads[i]).double(), 0.99))}
+             "image": list(tail_standardiser(torch.cat(heads[i]).double(), 0.99)) if heads[i] else None}
             for i in range(len(ens.models))]
 
 

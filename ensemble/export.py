@@ -3,10 +3,10 @@
 The graph holds everything between a crop and the per-model standardised maps: each model's own input
 normalisation, the TTA passes (averaged, as `Ensemble.raw_forward`) and each model's normaliser (its calibration).
 Input `image`: float32 (B, C, T, T), the pixels / 255. Outputs `maps` (M, B, T, T) and, when every model has an
-image score (its head, or once calibrated its map's peak: `head_or_peak`), `heads` (M, B). The merge (weighted mean
-or vote), the thresholds and the post-processing stay outside, in the same numpy code as for PyTorch
-(`OnnxEnsemble` only replaces `Ensemble.forward`), so both backends write the same submission. Thresholds, TTA,
-merge, weights, tile size and channels are in the file's metadata (`defect_synth` key, JSON).
+image head, `heads` (M, B). The merge (weighted mean or vote), the thresholds and the post-processing stay outside,
+in the same numpy code as for PyTorch (`OnnxEnsemble` only replaces `Ensemble.forward`), so both backends write the
+same submission. Thresholds, TTA, merge, weights, tile size and channels are in the file's metadata
+(`defect_synth` key, JSON).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from core import __version__
 from core.io import InputError, atomic_write_bytes
 
-from .models import Ensemble, head_or_peak, tta_mean
+from .models import Ensemble, tta_mean
 
 META_KEY = "defect_synth"
 
@@ -37,7 +37,6 @@ class ExportGraph(nn.Module):
         self.models = nn.ModuleList(ens.models)
         self.ttas = ens.ttas
         centers, scales, hc, hs = [], [], [], []
-        self.scored = [bool(norm and norm.get("image")) for norm in ens.norms]  # calibrated with an image score
         for norm in ens.norms:
             c, s = norm["pixel"] if norm else (0.0, 1.0)
             centers.append(c)
@@ -55,8 +54,8 @@ class ExportGraph(nn.Module):
         for i, (model, t) in enumerate(zip(self.models, self.ttas)):
             m, h = tta_mean(model, t, x)
             maps.append((m - self.center[i]) / self.scale[i])
-            if self.scored[i]:  # as `Ensemble.forward`: the head, or the map's peak for a model without one
-                heads.append((head_or_peak(m, h) - self.head_center[i]) / self.head_scale[i])
+            if h is not None:
+                heads.append((h - self.head_center[i]) / self.head_scale[i])
         if len(heads) != len(maps):
             return torch.stack(maps)
         return torch.stack(maps), torch.stack(heads)

@@ -4,9 +4,7 @@ voting, optional weights) and overlapping tiles for images larger than the model
 Maps stay on a float scale, never squashed through a sigmoid: each model's logits are averaged over the TTA passes,
 then standardised by the model's normaliser (fitted on held-out normal crops by `ensemble.calibrate`: 0 at the
 normal maps' 99.9th percentile, unit = their spread), so the maps of a segmenter and a baseline are comparable
-before they are merged. A model without a normaliser gives its raw logits (0 = probability 0.5). The image score is
-standardised alike (`head_or_peak`: the image head, or the map's peak for a model without one), so every calibrated
-member has one and the ensemble's is their weighted mean.
+before they are merged. A model without a normaliser gives its raw logits (0 = probability 0.5).
 """
 
 from __future__ import annotations
@@ -56,13 +54,6 @@ def tta_mean(model: torch.nn.Module, transforms, x: torch.Tensor) -> tuple[torch
         if out["image"] is not None:
             h_sum = h_sum + out["image"].float().reshape(-1)
     return (m_sum / len(passes))[:, 0], (h_sum / len(passes) if torch.is_tensor(h_sum) else None)
-
-
-def head_or_peak(mask: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-    """A model's image score from its TTA-averaged outputs (mask logits (B,H,W), image logits (B,) or None): its
-    image head, or for a model without one (PaDiM, the SSIM-AE) the peak of its map. Calibration standardises
-    either on held-out normal crops, so every member of an ensemble has an image score on one scale."""
-    return head if head is not None else mask.flatten(1).amax(1)
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict, dict | None]:
@@ -158,11 +149,11 @@ class Ensemble:
         maps, heads = [], []
         for (m, h), norm in zip(self.raw_forward(x), self.norms):
             if norm is not None:
-                if norm.get("image") is not None:  # calibrated with an image score: the head's, or the map's peak
-                    c, s = norm["image"]
-                    h = (head_or_peak(m, h) - c) / s
                 c, s = norm["pixel"]
                 m = (m - c) / s
+                if h is not None and norm.get("image") is not None:
+                    c, s = norm["image"]
+                    h = (h - c) / s
             maps.append(m)
             heads.append(h)
         image = torch.stack(heads) if all(h is not None for h in heads) else None

@@ -363,28 +363,6 @@ def test_models_of_very_different_scales_get_comparable_maps():
     assert both[0] == pytest.approx(both[1], rel=0.05)  # the same defect, the same standardised evidence
 
 
-def test_a_model_without_an_image_head_is_scored_by_its_maps_peak_on_the_heads_scale():
-    normal = [spotted(i, False)[0] for i in range(40)]
-    ens = Ensemble([Noisy(1000.0, 300.0), Noisy(0.01, -2.0, head=True)], 1, 128, "cpu", "none")
-    norms = fit_norms(ens, normal)
-    ens.set_norms(norms)
-    x = torch.from_numpy(np.stack(normal))[:, None].float() / 255
-    chunks = [x[k:k + ens.batch_size] for k in range(0, len(x), ens.batch_size)]  # as fit_norms batches them
-    raw_maps = torch.cat([ens.raw_forward(b)[0][0] for b in chunks])
-    heads = torch.cat([ens.forward(b)[1] for b in chunks], 1)
-    c, s = norms[0]["image"]  # the headless model's image score: its raw map's peak, standardised
-    assert torch.allclose(heads[0], (raw_maps.flatten(1).amax(1) - c) / s)
-    for h in heads:  # both on the one scale of the held-out normal crops: 99th percentile 0, median -1
-        assert float(torch.quantile(h.double(), 0.99)) == pytest.approx(0.0, abs=1e-4)
-        assert float(torch.median(h)) == pytest.approx(-1.0, abs=0.05)
-    img, _ = spotted(7, True)
-    r = ens.predict([img])[0]
-    _, h = ens.forward(torch.from_numpy(img)[None, None].float() / 255)
-    assert (h > 1).all() and r["image"] == pytest.approx(float(h.mean()), rel=1e-6)  # the weighted mean of both
-    ens.set_norms([{**norms[0], "image": None}, norms[1]])  # calibrated before image scores: the map decides
-    assert ens.predict([img])[0]["image"] is None
-
-
 def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
     images, gt = zip(*[spotted(i, i % 2 == 1) for i in range(16)])
     ens = Ensemble([Noisy(1.0, 4.0)], 1, 128, "cpu", "none")  # noisy: normal texture fires at logit 0
