@@ -2,11 +2,11 @@
 
 The graph holds everything between a crop and the per-model standardised maps: each model's own input
 normalisation, the TTA passes (averaged, as `Ensemble.raw_forward`) and each model's normaliser (its calibration).
-Input `image`: float32 (B, C, T, T), the pixels / 255. Outputs `maps` (M, B, T, T) and, when a model has an
-image head, `heads` (M, B) (NaN for a model without one). The merge (weighted mean or vote), the thresholds and the
-post-processing stay outside, in the same numpy code as for PyTorch (`OnnxEnsemble` only replaces
-`Ensemble.forward`), so both backends write the same submission. Thresholds, TTA, merge, weights, tile size and
-channels are in the file's metadata (`defect_synth` key, JSON).
+Input `image`: float32 (B, C, T, T), the pixels / 255. Outputs `maps` (M, B, T, T) and, when every model has an
+image head, `heads` (M, B). The merge (weighted mean or vote), the thresholds and the post-processing stay outside,
+in the same numpy code as for PyTorch (`OnnxEnsemble` only replaces `Ensemble.forward`), so both backends write the
+same submission. Thresholds, TTA, merge, weights, tile size and channels are in the file's metadata
+(`defect_synth` key, JSON).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from core import __version__
 from core.io import InputError, atomic_write_bytes
 
-from .models import Ensemble, stack_heads, tta_mean
+from .models import Ensemble, tta_mean
 
 META_KEY = "defect_synth"
 
@@ -54,9 +54,11 @@ class ExportGraph(nn.Module):
         for i, (model, t) in enumerate(zip(self.models, self.ttas)):
             m, h = tta_mean(model, t, x)
             maps.append((m - self.center[i]) / self.scale[i])
-            heads.append((h - self.head_center[i]) / self.head_scale[i] if h is not None else None)
-        heads = stack_heads(heads)  # as `Ensemble.forward`: NaN for a model without a head
-        return torch.stack(maps) if heads is None else (torch.stack(maps), heads)
+            if h is not None:
+                heads.append((h - self.head_center[i]) / self.head_scale[i])
+        if len(heads) != len(maps):
+            return torch.stack(maps)
+        return torch.stack(maps), torch.stack(heads)
 
 
 def export_onnx(ens: Ensemble, params: dict, out: str | Path, opset: int = 17) -> dict:

@@ -56,17 +56,6 @@ def tta_mean(model: torch.nn.Module, transforms, x: torch.Tensor) -> tuple[torch
     return (m_sum / len(passes))[:, 0], (h_sum / len(passes) if torch.is_tensor(h_sum) else None)
 
 
-def stack_heads(heads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    """Per-model image logits (B,) or None -> (M,B) on the CPU, NaN for a model without an image head (PaDiM, the
-    SSIM-AE), or None when no model has one. The ensemble's image score is then the weighted mean over the models
-    that have a head, and its map the mean over all: a headless model shapes the masks, not the image decision
-    (measured: scoring it by its map's peak made the decision worse, README)."""
-    if all(h is None for h in heads):
-        return None
-    like = next(h for h in heads if h is not None)
-    return torch.stack([h if h is not None else torch.full_like(like, float("nan")) for h in heads]).cpu()
-
-
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict, dict | None]:
     """A model file (`seg train`, `baseline fit`: one layout) -> (eval-mode module, the config it was made with,
     its calibration or None)."""
@@ -156,8 +145,7 @@ class Ensemble:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B,C,T,T) in [0,1] -> per-model normalised maps (M,B,T,T) and image scores (M,B), NaN for a model
-        without an image head, or None when no model has one (`stack_heads`)."""
+        """x (B,C,T,T) in [0,1] -> per-model normalised maps (M,B,T,T) and image scores (M,B) or None."""
         maps, heads = [], []
         for (m, h), norm in zip(self.raw_forward(x), self.norms):
             if norm is not None:
@@ -168,7 +156,8 @@ class Ensemble:
                     h = (h - c) / s
             maps.append(m)
             heads.append(h)
-        return torch.stack(maps).cpu(), stack_heads(heads)
+        image = torch.stack(heads) if all(h is not None for h in heads) else None
+        return torch.stack(maps).cpu(), (image.cpu() if image is not None else None)
 
     @staticmethod
     def _starts(n: int, t: int, overlap: int) -> list[int]:
@@ -307,11 +296,8 @@ class Ensemble:
         amap = per_model[0] if len(self.models) == 1 else \
             np.tensordot(self.weights, per_model, axes=1).astype(np.float32)
         image = None
-        if c["head"]:  # each model's maximum over the tiles; the weighted mean over the models that have a head
-            heads = np.max(np.stack(c["head"]), axis=0)
-            has = ~np.isnan(heads)
-            if self.weights[has].sum() > 0:
-                image = float(np.dot(self.weights[has], heads[has]) / self.weights[has].sum())
+        if c["head"]:
+            image = float(np.dot(self.weights, np.max(np.stack(c["head"]), axis=0)))
         result = {"map": amap, "image": image, "per_model": per_model}
         result["hits"] = self.rehit(result, self.threshold)
         return result

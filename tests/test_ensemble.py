@@ -363,21 +363,6 @@ def test_models_of_very_different_scales_get_comparable_maps():
     assert both[0] == pytest.approx(both[1], rel=0.05)  # the same defect, the same standardised evidence
 
 
-def test_the_image_score_of_an_ensemble_comes_from_the_models_that_have_a_head():
-    normal = [spotted(i, False)[0] for i in range(40)]
-    ens = Ensemble([Noisy(1000.0, 300.0), Noisy(0.01, -2.0, head=True)], 1, 128, "cpu", "none", weights=[3, 1])
-    ens.set_norms(fit_norms(ens, normal))
-    img, _ = spotted(7, True)
-    maps, heads = ens.forward(torch.from_numpy(img)[None, None].float() / 255)
-    assert torch.isnan(heads[0]).all() and torch.isfinite(heads[1]).all()
-    r = ens.predict([img])[0]
-    assert r["image"] == pytest.approx(float(heads[1, 0]), rel=1e-6)  # the headed model alone judges the image
-    assert np.allclose(r["map"], 0.75 * maps[0, 0].numpy() + 0.25 * maps[1, 0].numpy(), atol=1e-5)  # both: the map
-    assert Ensemble([Noisy(), Noisy(head=True)], 1, 128, "cpu", "none", weights=[1, 0]).predict([img])[0]["image"] \
-        is None  # no weight on a head: the map decides, as for headless models alone
-    assert Ensemble([Noisy(), Noisy()], 1, 128, "cpu", "none").forward(torch.zeros(2, 1, 128, 128))[1] is None
-
-
 def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
     images, gt = zip(*[spotted(i, i % 2 == 1) for i in range(16)])
     ens = Ensemble([Noisy(1.0, 4.0)], 1, 128, "cpu", "none")  # noisy: normal texture fires at logit 0
