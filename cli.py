@@ -556,6 +556,8 @@ def baseline_fit(
     part: Optional[int] = PartOpt, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     data: Optional[Path] = DataOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default runs/baselines/METHOD.pt)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted fit of --out from its last finished epoch "
+                                "(the autoencoder's; without it an interrupted fit starts afresh)."),
 ):
     """Fit a baseline on the part's OK images: `seg train` with the config's `baseline` settings; the model is one
     file, which `baseline predict` and `ensemble predict` load."""
@@ -564,7 +566,8 @@ def baseline_fit(
     with user_errors():
         cfg = load(config, set_, part, data)
         out = out or Path("runs/baselines") / f"{method}.pt"
-        s = fit_baseline(cfg, method, out, progress=Bar, warn=warn, log=lambda m: console.print(m, highlight=False))
+        s = fit_baseline(cfg, method, out, progress=Bar, warn=warn, log=lambda m: console.print(m, highlight=False),
+                         resume=resume)
         console.print(f"{method}: fitted in {s['fit_seconds']:.1f}s, peak memory {s['peak_rss_mb']:.0f} MiB -> {out}")
         calibrate_file(out)
 

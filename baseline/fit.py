@@ -49,26 +49,30 @@ def baseline_config(cfg: dict, method: str) -> dict:
     return cfg
 
 
-def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=None, log=print) -> dict:
+def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=None, log=print,
+                 resume: bool = False) -> dict:
     """Fit `method` on the part's OK images with `seg train`'s loop (see `baseline_config`); its best.pt becomes
-    the file `out`, written atomically (the run's folder beside it is removed)."""
+    the file `out`, written atomically, and the run's folder beside it (`.NAME.fit`) is removed. A fit that was
+    interrupted leaves that folder: `resume` continues it from its last finished epoch (the autoencoder's 600
+    steps take 20 minutes and more on a CPU), else it starts afresh."""
     cfg = baseline_config(cfg, method)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("baseline fit: runs in one process (not under torchrun); the baselines fit in minutes")
     out = Path(out)
     run = out.parent / f".{out.name}.fit"
-    shutil.rmtree(run, ignore_errors=True)  # a fit killed before: start afresh, it is short
+    if not resume:
+        shutil.rmtree(run, ignore_errors=True)
     cfg["train"]["out"] = str(run)
     start = time.perf_counter()
     try:
-        train(cfg, log=log, progress=progress, warn=warn)
-        seconds = time.perf_counter() - start
-        os.replace(run / "best.pt", out)
-    except InputError as e:
+        train(cfg, resume=resume, log=log, progress=progress, warn=warn)
+    except InputError as e:  # settings or data: nothing worth resuming
+        shutil.rmtree(run, ignore_errors=True)
         key = next((k for k in SOURCE_KEYS if str(e).startswith(k + ":")), None)
         if key is None:
             raise
         raise InputError(SOURCE_KEYS[key] + str(e)[len(key):]) from None
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    os.replace(run / "best.pt", out)
+    shutil.rmtree(run, ignore_errors=True)
     return {"method": method, "out": str(out), "fit_seconds": seconds, "peak_rss_mb": peak_rss_mb()}

@@ -197,6 +197,26 @@ def test_the_autoencoder_learns_in_the_training_loop_from_clean_originals(fitted
     assert load_model_file(tmp_path / "ae.pt")["config"]["train"]["augment"]["noise"] == 0  # flips alone
 
 
+def test_an_interrupted_autoencoder_fit_resumes_to_the_same_model(fitted, tmp_path):
+    cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "synth.size=64", "baseline.ae_steps=200",
+                             "baseline.ae_batch=4", "baseline.ae_width=8", "train.val_n=8", "train.amp=false"])
+    fit_baseline(cfg, "ssim_ae", tmp_path / "full.pt", log=lambda m: None)
+
+    def stop_after_the_first_epoch(message: str) -> None:
+        if message.startswith("epoch 0:") and "train_loss" in message:  # its summary: last.pt is written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_baseline(cfg, "ssim_ae", tmp_path / "ae.pt", log=stop_after_the_first_epoch)
+    assert not (tmp_path / "ae.pt").exists() and (tmp_path / ".ae.pt.fit" / "last.pt").is_file()  # kept to resume
+    said: list[str] = []
+    fit_baseline(cfg, "ssim_ae", tmp_path / "ae.pt", log=said.append, resume=True)
+    assert any(m.startswith("resumed from") for m in said) and not any(m.startswith("epoch 0:") for m in said)
+    a, b = (load_model_file(tmp_path / f)["model"] for f in ("full.pt", "ae.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the exact continuation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae.pt", "full.pt"]  # the run's folder is gone
+
+
 def test_the_autoencoder_keeps_float32_under_mixed_precision_and_a_bad_batch_never_poisons_its_mapping():
     torch.manual_seed(0)
     ae = create_model("ssim_ae", "tu-tf_efficientnet_lite0", "none", 1, ae_width=8).train()
