@@ -199,7 +199,7 @@ def test_the_autoencoder_learns_in_the_training_loop_from_clean_originals(fitted
 
 def test_an_interrupted_autoencoder_fit_resumes_to_the_same_model(fitted, tmp_path):
     cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "synth.size=64", "baseline.ae_steps=200",
-                             "baseline.ae_batch=4", "baseline.ae_width=8", "train.val_n=8", "train.amp=false"])
+                             "baseline.ae_batch=2", "baseline.ae_width=8", "train.val_n=4", "train.amp=false"])
     fit_baseline(cfg, "ssim_ae", tmp_path / "full.pt", log=lambda m: None)
 
     def stop_after_the_first_epoch(message: str) -> None:
