@@ -37,16 +37,20 @@ def warn(msg: str) -> None:
 
 
 @contextmanager
-def user_errors():
-    """Turn bad input into one clear line and exit code 2, instead of a traceback."""
+def user_errors(resume: str = "rerun the same command to resume"):
+    """Turn bad input into one clear line and exit code 2, instead of a traceback; Ctrl-C into one line that says
+    how to go on (`resume`)."""
     try:
         yield
     except (InputError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: finished outputs are kept; rerun the same command to resume")
+        console.print(f"[yellow]interrupted[/yellow]: finished outputs are kept; {resume}")
         raise typer.Exit(130)
+
+
+RESUME_EPOCH = "rerun the same command with --resume to continue from the last finished epoch"
 
 
 def progress_bar() -> Progress:
@@ -225,7 +229,7 @@ def seg_train(
     from core.modelfile import SEEDS_FILE, run_seeds
     from seg.train import seed_plan, train
 
-    with user_errors():
+    with user_errors(RESUME_EPOCH):
         cfg = load(config, set_, part, data)
         for key, value in (("out", out), ("epochs", epochs), ("val_dir", val_dir), ("synth_dir", synth_dir),
                            ("seeds", seeds)):
@@ -563,7 +567,7 @@ def baseline_fit(
     file, which `baseline predict` and `ensemble predict` load."""
     from baseline.fit import fit_baseline
 
-    with user_errors():
+    with user_errors(RESUME_EPOCH):
         cfg = load(config, set_, part, data)
         out = out or Path("runs/baselines") / f"{method}.pt"
         s = fit_baseline(cfg, method, out, progress=Bar, warn=warn, log=lambda m: console.print(m, highlight=False),
