@@ -37,16 +37,16 @@ def warn(msg: str) -> None:
 
 
 @contextmanager
-def user_errors(resume: str = "rerun the same command to resume"):
+def user_errors(resume_hint: str = "rerun the same command to resume"):
     """Turn bad input into one clear line and exit code 2, instead of a traceback; Ctrl-C into one line that says
-    how to go on (`resume`)."""
+    how to go on (`resume_hint`)."""
     try:
         yield
     except (InputError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/yellow]: finished outputs are kept; {resume}")
+        console.print(f"[yellow]interrupted[/yellow]: finished outputs are kept; {resume_hint}")
         raise typer.Exit(130)
 
 

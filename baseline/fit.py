@@ -66,8 +66,9 @@ def fit_baseline(cfg: dict, method: str, out: str | Path, progress=None, warn=No
     start = time.perf_counter()
     try:
         train(cfg, resume=resume, log=log, progress=progress, warn=warn)
-    except InputError as e:  # settings or data: nothing worth resuming
-        shutil.rmtree(run, ignore_errors=True)
+    except InputError as e:  # settings or data: nothing worth resuming, unless it is the run resumed
+        if not resume:
+            shutil.rmtree(run, ignore_errors=True)
         key = next((k for k in SOURCE_KEYS if str(e).startswith(k + ":")), None)
         if key is None:
             raise

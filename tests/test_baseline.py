@@ -209,6 +209,13 @@ def test_an_interrupted_autoencoder_fit_resumes_to_the_same_model(fitted, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         fit_baseline(cfg, "ssim_ae", tmp_path / "ae.pt", log=stop_after_the_first_epoch)
     assert not (tmp_path / "ae.pt").exists() and (tmp_path / ".ae.pt.fit" / "last.pt").is_file()  # kept to resume
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError):  # resumed with the wrong OK folder: an error, and the run stays resumable
+        fit_baseline({**cfg, "data": {**cfg["data"], "ok_dir": str(empty)}}, "ssim_ae", tmp_path / "ae.pt",
+                     log=lambda m: None, resume=True)
+    empty.rmdir()
+    assert (tmp_path / ".ae.pt.fit" / "last.pt").is_file()
     said: list[str] = []
     fit_baseline(cfg, "ssim_ae", tmp_path / "ae.pt", log=said.append, resume=True)
     assert any(m.startswith("resumed from") for m in said) and not any(m.startswith("epoch 0:") for m in said)
