@@ -85,21 +85,29 @@ def calibration_pools(cfg: dict, warn=None) -> tuple[SourcePool, bool]:
 # ------------------------------------------------------------------------------------------------ scale
 @torch.no_grad()
 def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
-    """One normaliser per model from its raw (TTA-averaged) maps on normal crops of the model's tile size."""
+    """One normaliser per model from its raw (TTA-averaged) maps on normal crops of the model's tile size; set on
+    `ens` too."""
+    return predict_normal(ens, images)[0]
+
+
+def predict_normal(ens: Ensemble, images: Sequence[np.ndarray]) -> tuple[list[dict], list[dict]]:
+    """(`fit_norms`' normalisers, set on `ens`; the crops' `predict` results with them) from one pass."""
     x = torch.from_numpy(np.stack([im if im.ndim == 3 else im[..., None] for im in images])).permute(0, 3, 1, 2)
     x = x.float().div_(255)
-    pix: list[list[torch.Tensor]] = [[] for _ in ens.models]
-    heads: list[list[torch.Tensor]] = [[] for _ in ens.models]
-    with task("calibrate: map scales", len(x)) as bar:
+    raw: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []  # per batch, per model: (maps, heads) on CPU
+    with task("calibrate: held-out normal crops", len(x)) as bar:
         for k in range(0, len(x), ens.batch_size):
-            for i, (m, h) in enumerate(ens.raw_forward(x[k:k + ens.batch_size])):
-                pix[i].append(m.flatten().cpu())
-                if h is not None:
-                    heads[i].append(h.cpu())
+            raw.append([(m.cpu(), h.cpu() if h is not None else None)
+                        for m, h in ens.raw_forward(x[k:k + ens.batch_size])])
             bar(len(x[k:k + ens.batch_size]))
-    return [{"pixel": list(tail_standardiser(torch.cat(pix[i]).double(), 0.999, cap=2_000_000)),
-             "image": list(tail_standardiser(torch.cat(heads[i]).double(), 0.99)) if heads[i] else None}
-            for i in range(len(ens.models))]
+    norms = []
+    for i in range(len(ens.models)):
+        pix = torch.cat([b[i][0].flatten() for b in raw]).double()
+        heads = [b[i][1] for b in raw if b[i][1] is not None]
+        norms.append({"pixel": list(tail_standardiser(pix, 0.999, cap=2_000_000)),
+                      "image": list(tail_standardiser(torch.cat(heads).double(), 0.99)) if heads else None})
+    ens.set_norms(norms)
+    return norms, [r for b in raw for r in ens.crop_results(b)]
 
 
 def candidate_thresholds(normal_pixels: np.ndarray, defect_pixels: np.ndarray) -> np.ndarray:
@@ -313,8 +321,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         raise ValueError(f"target_overkill: expected a rate in [0, 1), got {target_overkill}")
     if not len(normal):
         raise ValueError("calibration needs normal images (held-out OK crops); none were given")
-    norms = fit_norms(ens, normal)
-    ens.set_norms(norms)
+    norms, on_normal = predict_normal(ens, normal)  # one pass: the normalisers, then the crops with them
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
     params["roi"] = roi = defaults.get("roi")
     params["shape"] = member_thresholds(ens, norms) if shape else None
@@ -335,7 +342,6 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         if synthetic is None or not len(synthetic[0]):
             raise ValueError("calibration needs synthetic defects (or labelled real crops); none were given")
         rois = None if roi is None else (rois_for(normal, roi), rois_for(synthetic[0], roi))
-        on_normal = predict_shown(ens, normal, "held-out normal crops")
         on_synthetic = predict_shown(ens, synthetic[0], "synthetic defects")
         best = operating_point(on_normal, on_synthetic, list(synthetic[1]), ens.rehit, params["opening"],
                                target_overkill, rois, balance_sizes, gates(on_synthetic))

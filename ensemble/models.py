@@ -146,8 +146,13 @@ class Ensemble:
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B,C,T,T) in [0,1] -> per-model normalised maps (M,B,T,T) and image scores (M,B) or None."""
+        return self.normalise(self.raw_forward(x))
+
+    def normalise(self, raw: list[tuple[torch.Tensor, torch.Tensor | None]]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`raw_forward`'s output -> `forward`'s: each model's maps and image scores through its normaliser."""
         maps, heads = [], []
-        for (m, h), norm in zip(self.raw_forward(x), self.norms):
+        for (m, h), norm in zip(raw, self.norms):
             if norm is not None:
                 c, s = norm["pixel"]
                 m = (m - c) / s
@@ -269,6 +274,15 @@ class Ensemble:
         k = math.ceil((n - o) / (self.window - o))
         size = min(n, math.ceil((n + (k - 1) * o) / k / STRIDE) * STRIDE)
         return size, sorted({int(round(v)) for v in np.linspace(0, n - size, k)})
+
+    def crop_results(self, raw: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
+        """`raw_forward`'s output on a batch of crops of the tile size -> their `predict` results, normalised with
+        today's normalisers: a pass already made (e.g. to fit the normalisers) need not be made again."""
+        maps, heads = self.normalise(raw)
+        size = tuple(maps.shape[2:])
+        return [self._merge({"sum": maps[:, j].numpy(), "count": 1.0, "tiles": 1, "size": size,
+                             "head": [heads[:, j].numpy()] if heads is not None else []})
+                for j in range(maps.shape[1])]
 
     def _predict_tiled(self, images: list[np.ndarray]) -> list[dict]:
         t = self.tile

@@ -11,7 +11,7 @@ import torch
 from conftest import SAMPLE, SHARED, textured
 from torch import nn
 
-from ensemble.calibrate import best_on_labelled, calibrate, fit_norms, threshold_at_rate
+from ensemble.calibrate import best_on_labelled, calibrate, fit_norms, predict_normal, threshold_at_rate
 from ensemble.evaluate import compute_metrics, evaluate, load_ground_truth
 from core.metrics import average_precision, competition_score, roc_auc
 from ensemble.models import Ensemble
@@ -361,6 +361,36 @@ def test_models_of_very_different_scales_get_comparable_maps():
     r = ens.predict([img])[0]
     both = r["per_model"][:, m > 0].mean(1)
     assert both[0] == pytest.approx(both[1], rel=0.05)  # the same defect, the same standardised evidence
+
+
+class Conv(nn.Module):
+    """A seeded random conv net, per crop (no batch statistics), with an image head or none."""
+
+    def __init__(self, seed: int, head: bool):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.head = nn.Conv2d(1, 1, 5, padding=2), head
+
+    def forward(self, x):
+        m = self.conv(x)
+        return {"mask": m, "image": m.amax((1, 2, 3))[:, None] if self.head else None}
+
+
+def test_normal_crops_are_predicted_once_and_give_what_predict_gives():
+    normal = [spotted(i, i % 3 == 0)[0] for i in range(10)]
+    for heads in ((True, False), (True, True)):
+        ens = Ensemble([Conv(0, heads[0]), Conv(1, heads[1])], 1, 128, "cpu", "flip,none", batch_size=4)
+        norms, results = predict_normal(ens, normal)
+        assert ens.norms == norms and norms[0]["image"] is not None and (norms[1]["image"] is None) != heads[1]
+        assert norms == fit_norms(Ensemble([Conv(0, heads[0]), Conv(1, heads[1])], 1, 128, "cpu", "flip,none",
+                                           batch_size=4), normal)
+        again = ens.predict(normal)  # a second pass, with the normalisers set
+        for r, a in zip(results, again):
+            for k in ("map", "per_model", "hits"):
+                np.testing.assert_allclose(r[k], a[k], atol=1e-5)
+            assert (r["image"] is None) == (a["image"] is None) == (not all(heads))
+            assert r["image"] is None or r["image"] == pytest.approx(a["image"], abs=1e-5)
+        assert np.std([r["map"].max() for r in results]) > 0.005  # the maps differ from crop to crop
 
 
 def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
