@@ -435,6 +435,24 @@ def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, benc
     assert fit.index("baseline.n_train=300") < fit.index("baseline.n_train=900")
 
 
+def test_bench_quick_makes_the_default_methods_models_only(tmp_path, bench_steps):
+    """`bench --quick` trains the default method's two models (at the quick budget), nothing else, unless asked."""
+    bench, calls = bench_steps
+
+    def made(*args):
+        calls.clear()
+        with pytest.raises(StopBench):
+            bench.main([*args, "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+        return [next(x for x in c if x.startswith("model.arch=")).split("=")[1] if c[0] == "seg" else
+                c[c.index("--method") + 1] for c in calls], calls
+
+    models, calls = made("--quick")
+    assert models == ["evidence_unet", "patchcore"]
+    assert calls[0][calls[0].index("--epochs") + 1] == "4"
+    assert len(made()[0]) == 7  # the full run: every default row's models
+    assert made("--quick", "--methods", "padim")[0] == ["padim"]
+
+
 def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_path, bench_steps, monkeypatch):
     """`benchmarks/run.py --reuse` keeps a model made by the same command (in a copied folder too), and makes it
     again when the overrides differ: a reused model never stands for another setting."""
