@@ -15,7 +15,9 @@ TC_Images; the oracle score (thresholds chosen on the test crops themselves, rep
 loss. Writes results.md (a table per part and a summary: mean and worst part per method), results.json,
 pr_curves_<part>.png and masks_grid_<part>.png. Each step runs as its own process, so wall time and peak memory
 (os.wait4) are per step; `--reuse` keeps every model already in --out that was made by the same command line
-(steps.json records each step's; a changed config file, code or data is not seen).
+and resumes a training or fit that was interrupted under it (`--resume`; its time is then not reported), so an
+interrupted benchmark goes on where it stopped (steps.json records each step's command; a changed config file,
+code or data is not seen).
 """
 
 from __future__ import annotations
@@ -153,17 +155,23 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
     steps: dict[str, dict] = read_json_file(steps_file) if (reuse and steps_file.exists()) else {}
 
     def step(key: str, cmd: list[str], product: Path) -> None:
+        """Run `cmd` (seg train or baseline fit), which makes `product`. With `reuse`, a product made by the same
+        command is kept, and a step interrupted with the same command is resumed (--resume)."""
         # what the step was run with, the folder left out (a copied run folder is still reused)
         args = [x.replace(str(out), "<out>") for x in cmd]
-        if reuse and product.exists() and key in steps:
-            if reuse == "any" or steps[key].get("args", args) == args:  # "any": recalibrate.py; no record: trusted
+        done = steps.get(key, {})
+        if reuse and product.exists() and done and not done.get("started"):
+            if reuse == "any" or done.get("args", args) == args:  # "any": recalibrate.py; no record: trusted
                 log(f"reusing {product}")
                 return
-            log(f"not reusing {product}: made with other settings ({' '.join(steps[key]['args'])})")
-        if steps.pop(key, None) is not None:  # a run that dies now leaves no record for what it half-wrote
-            write_json(steps_file, steps)
-        r = run(cmd, log)
-        steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"], "args": args}
+            log(f"not reusing {product}: made with other settings ({' '.join(done['args'])})")
+        resume = bool(reuse and done.get("started") and done.get("args") == args)
+        steps[key] = {"started": True, "args": args}  # until it ends: what a half-made product was made with
+        write_json(steps_file, steps)
+        if resume:
+            log(f"resuming the interrupted step {key}")
+        r = run([*cmd, "--resume"] if resume else cmd, log)
+        steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"], "args": args, "resumed": resume}
         write_json(steps_file, steps)
 
     files = {}
@@ -208,9 +216,10 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         summary = read_json_file(out / "pred" / slug / "predict.json")
         keys = [f"train_{x}" if x in {m for _, m, _ in SEGMENTERS} else f"fit_{x}" for x in parts]
         fit = [steps[k] for k in keys if k in steps]
-        m.update(fit_seconds=sum(x["seconds"] for x in fit) if fit else float("nan"),
+        timed = fit and not any(x.get("resumed") or "seconds" not in x for x in fit)  # a resumed step: part of it
+        m.update(fit_seconds=sum(x["seconds"] for x in fit) if timed else float("nan"),
                  predict_images_per_s=summary["images_per_s"],
-                 peak_mb=max([pred["peak_mb"]] + [x["peak_mb"] for x in fit]), params=summary["params"])
+                 peak_mb=max([pred["peak_mb"]] + [x.get("peak_mb", 0.0) for x in fit]), params=summary["params"])
         results[name] = m
         flat_p = np.concatenate([p.ravel() for p in probs])
         flat_g = np.concatenate([g.ravel() > 0 for g in gt])
@@ -236,7 +245,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small training budget and the default method's rows "
                     "only (the five development parts in under 20 minutes on 2 cores)")
     ap.add_argument("--reuse", action="store_true", help="keep the models already in --out made by the same "
-                    "command; re-run the evaluation")
+                    "command, resume the trainings and fits it interrupted; re-run the evaluation")
     ap.add_argument("--reuse-any", action="store_true", help="keep every model already in --out, whatever made it "
                     "(benchmarks/recalibrate.py, whose copies carry other settings than the command's)")
     ap.add_argument("--epochs", type=int, default=None,

@@ -279,15 +279,28 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def resume(self) -> None:
-        ckpt = load_checkpoint(self.out / "last.pt")
-        self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-        if self.ema is not None:  # a run trained without the average starts it from the weights it resumes
-            self.ema.module.load_state_dict(ckpt["model"])
+        path = self.out / "last.pt"
+        ckpt = load_checkpoint(path)
+        theirs, ours = ckpt.get("config", {}).get("model", {}), self.cfg["model"]
+        differ = [k for k in ours if k in theirs and theirs[k] != ours[k]]  # keys both know: another model
+
+        def another(what: str) -> InputError:
+            return InputError(f"{path}: another model than this command's ({what}); rerun --resume with the "
+                              "settings it was made with, or without --resume to start afresh")
+
+        if differ:
+            raise another(", ".join(f"model.{k} {theirs[k]!r} there, {ours[k]!r} here" for k in differ))
+        try:
+            self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+            if self.ema is not None:  # a run trained without the average starts it from the weights it resumes
+                self.ema.module.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # same settings, other code: shapes or keys differ
+            raise another(f"{type(e).__name__}: {(str(e).splitlines() or ['no detail'])[0][:160]}") from None
         if (self.ema is not None) != ("train_model" in ckpt):
             self.log(f"{self.out / 'last.pt'} was trained with{'out' if self.ema is not None else ''} train.ema: "
                      f"{'the average starts from its weights' if self.ema is not None else 'its average is dropped'}"
                      " (not the exact continuation)")
-        self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])

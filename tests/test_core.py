@@ -135,7 +135,7 @@ def test_model_file_carries_its_thresholds_and_predict_uses_them(ok_dir, tmp_pat
 
     with progress_to(bar):
         assert calibrate_model_file(tmp_path / "m.pt", "cpu")["params"] == out["params"]
-    assert bars == [["calibrate: map scales", 32, 32], ["calibrate: held-out normal crops", 32, 32],
+    assert bars == [["calibrate: held-out normal crops", 32, 32],  # once: the normalisers, then the operating point
                     ["calibrate: synthetic defects", 24, 24]]
     ens = Ensemble([load_model(tmp_path / "m.pt", torch.device("cpu"))[0]], 1, 128, "cpu", "none", batch_size=3)
     crops = [textured(30 + i)[:128, 40:168] for i in range(14)]  # chunks of 12 crops, the last one short
@@ -482,4 +482,11 @@ def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_pat
     with pytest.raises(RuntimeError):
         once(tmp_path / "b", ("baseline.seed=2",))
     monkeypatch.setattr(bench, "run", fake_run)
-    assert once(tmp_path / "b", ("baseline.seed=1",)) == 1
+    assert once(tmp_path / "b", ("baseline.seed=1",)) == 1 and "--resume" not in calls[0]  # another setting
+    monkeypatch.setattr(bench, "run", crash)
+    with pytest.raises(RuntimeError):
+        once(tmp_path / "b", ("baseline.seed=2",))
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert once(tmp_path / "b", ("baseline.seed=2",)) == 1 and calls[0][-1] == "--resume"  # the same: resumed
+    assert once(tmp_path / "b", ("baseline.seed=2",)) == 0
+    assert json.loads((tmp_path / "b" / "steps.json").read_text())["fit_padim"]["resumed"] is True

@@ -19,6 +19,7 @@ from seg.models.encoders import lite_state_dict
 from core.postprocess import final_mask
 from seg.train import load_checkpoint, train
 from core.io import InputError
+from core.modelfile import save_model_file
 
 SMALL = dict(decoder_channels=(32, 16, 16, 8, 8))
 
@@ -279,6 +280,24 @@ def test_resume_across_a_change_of_train_ema_keeps_the_work(ok_dir, tmp_path):
     after = load_checkpoint(tmp_path / "last.pt")
     assert [r["epoch"] for r in after["rows"]] == [0, 1] and "train_model" in after
     assert any(not torch.equal(v, after["train_model"][k]) for k, v in before.items())  # it trained on from there
+
+
+def test_resume_of_another_model_is_one_line_and_keeps_the_run(ok_dir, tmp_path):
+    train(tiny_config(ok_dir, tmp_path, epochs=1), log=lambda m: None)
+    last = (tmp_path / "last.pt").read_bytes()
+    other = tiny_config(ok_dir, tmp_path, epochs=2)
+    other["model"]["decoder_channels"] = [32, 16, 8, 8, 8]
+    with pytest.raises(InputError, match=r"last.pt: another model than this command's \(model.decoder_channels "
+                                          r"\[16, 16, 8, 8, 8\] there, \[32, 16, 8, 8, 8\] here\)"):
+        train(other, resume=True, log=lambda m: None)
+    assert (tmp_path / "last.pt").read_bytes() == last  # nothing lost
+    ckpt = load_checkpoint(tmp_path / "last.pt")  # the same settings, weights another version of the code named
+    ckpt["model"].pop(next(iter(ckpt["model"])))
+    save_model_file(tmp_path / "last.pt", ckpt)
+    renamed = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(InputError, match=r"last.pt: another model than this command's \(RuntimeError: Error"):
+        train(tiny_config(ok_dir, tmp_path, epochs=2), resume=True, log=lambda m: None)
+    assert (tmp_path / "last.pt").read_bytes() == renamed
 
 
 def test_bad_config_key_fails_with_a_clear_message(tmp_path):
