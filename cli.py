@@ -598,7 +598,8 @@ def bench(ctx: typer.Context):
     """Every method side by side on a competition-layout dataset (see benchmarks/run.py --help)."""
     from benchmarks import run as bench_run
 
-    with user_errors():
+    with user_errors("rerun the same command with --reuse to go on from there (an interrupted training or fit "
+                     "resumes)"):
         bench_run.main(ctx.args)
 
 
