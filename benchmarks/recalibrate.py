@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="where the copies, their calibration and the new scores go")
     ap.add_argument("--set", "-s", action="append", default=[], dest="overrides",
                     help="config override written into every copied model, e.g. -s calibrate.target_overkill=0.1")
-    ap.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS), help="as benchmarks/run.py")
+    ap.add_argument("--methods", default=None, help="as benchmarks/run.py (default: the rows --bench has)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
     ap.add_argument("--hybrid-tta", default="flip",
                     help="as benchmarks/run.py (single models: -s predict.tta=...)")
@@ -68,6 +68,11 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{src}: no part folders (with steps.json) of a benchmark run")
     if out.resolve() == src.resolve():
         raise SystemExit("--out: must not be --bench (its models would be recalibrated in place)")
+    for part in parts:
+        if bench.interrupted_steps(part):
+            raise SystemExit(f"{part}: {', '.join(bench.interrupted_steps(part))} left half done by an interrupted "
+                             "run: finish it first (the same benchmarks/run.py command with --reuse)")
+    methods = a.methods or ",".join(bench.methods_run(src) or bench.DEFAULT_METHODS)  # none trained here anew
     sets = []
     for part in parts:
         name, _, number = part.name.rpartition("-p")
@@ -82,7 +87,7 @@ def main(argv=None) -> dict:
                 print(f"{f}: calibrated again: {calibrate_model_file(f)['params']}", flush=True)
             except (InputError, ValueError) as e:  # e.g. a model whose OK images are not on this machine
                 raise SystemExit(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}") from None
-    return bench.main(["--reuse-any", "--out", str(out), "--methods", a.methods, "--sets", ",".join(sets),
+    return bench.main(["--reuse-any", "--out", str(out), "--methods", methods, "--sets", ",".join(sets),
                        "--data-root", a.data_root, "--hybrid-tta", a.hybrid_tta])
 
 

@@ -26,6 +26,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +143,21 @@ def parse_sets(sets: str | None, data: str | None, part: int, data_root: str) ->
     return out
 
 
+def interrupted_steps(part: Path) -> list[str]:
+    """The steps of a part folder that a run left half done (recorded as started in its steps.json, never ended)."""
+    f = Path(part) / "steps.json"
+    return [k for k, v in read_json_file(f).items() if v.get("started")] if f.is_file() else []
+
+
+def methods_run(bench_out: Path) -> tuple[str, ...] | None:
+    """The methods a finished benchmark output holds rows of (its results.json), in ROWS order; None: no record."""
+    f = Path(bench_out) / "results.json"
+    if not f.is_file():
+        return None
+    names = {n for rows in read_json_file(f)["results"].values() for n in rows}
+    return tuple(method for name, (method, _) in ROWS.items() if name in names)
+
+
 def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple, reuse: bool | str, log,
             hybrid_tta: str = "flip", overrides: tuple[str, ...] = ()) -> dict:
     """Train/fit, calibrate, predict and evaluate every method on one part; returns {method: metrics}. `reuse`:
@@ -168,10 +184,22 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         resume = bool(reuse and done.get("started") and done.get("args") == args)
         steps[key] = {"started": True, "args": args}  # until it ends: what a half-made product was made with
         write_json(steps_file, steps)
+        r = None
         if resume:
             log(f"resuming the interrupted step {key}")
-        r = run([*cmd, "--resume"] if resume else cmd, log)
-        steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"], "args": args, "resumed": resume}
+            try:
+                r = run([*cmd, "--resume"], log)
+            except SystemExit as e:  # e.g. the config or the code changed since: that run cannot go on
+                log(f"{key} cannot resume, starting it afresh: {str(e).strip().splitlines()[-1][:300]}")
+        resumed = r is not None
+        if not resumed:
+            # afresh: nothing of another run left for a later --resume to continue (a segmenter's last.pt)
+            if product.is_dir():
+                shutil.rmtree(product)
+            else:
+                product.unlink(missing_ok=True)
+            r = run(cmd, log)
+        steps[key] = {"seconds": r["seconds"], "peak_mb": r["peak_mb"], "args": args, "resumed": resumed}
         write_json(steps_file, steps)
 
     files = {}

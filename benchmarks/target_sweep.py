@@ -24,6 +24,7 @@ from core.metrics import competition_score  # noqa: E402
 from core.modelfile import load_model_file, model_paths  # noqa: E402
 from core.postprocess import agreement, final_mask  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image  # noqa: E402
+from benchmarks.run import interrupted_steps  # noqa: E402
 from ensemble.calibrate import calibration_pools, fit_norms, member_thresholds, normal_crops, operating_point, \
     synthetic_defects  # noqa: E402
 from ensemble.evaluate import load_ground_truth  # noqa: E402
@@ -79,6 +80,9 @@ def main(argv=None) -> None:
     balances = (False,) if a.no_balance else (False, True)
     bench = Path(a.bench)
     parts = sorted(p for p in bench.iterdir() if (p / "steps.json").exists())
+    for p in [p for p in parts if interrupted_steps(p)]:
+        print(f"{p}: skipped, {', '.join(interrupted_steps(p))} left half done (finish it: benchmarks/run.py --reuse)")
+        parts.remove(p)
     if a.parts:
         parts = [p for p in parts if p.name in a.parts.split(",")]
     lines = ["| method | escape over sizes | part | " + " | ".join(f"{t:g}" for t in targets) + " |",

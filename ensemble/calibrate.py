@@ -91,7 +91,8 @@ def fit_norms(ens: Ensemble, images: Sequence[np.ndarray]) -> list[dict]:
 
 
 def predict_normal(ens: Ensemble, images: Sequence[np.ndarray]) -> tuple[list[dict], list[dict]]:
-    """(`fit_norms`' normalisers, set on `ens`; the crops' `predict` results with them) from one pass."""
+    """(`fit_norms`' normalisers, set on `ens`; the crops' `predict` results with them) from one pass (a second
+    one when the crops are not of the ensemble's tile size: `predict` tiles those)."""
     x = torch.from_numpy(np.stack([im if im.ndim == 3 else im[..., None] for im in images])).permute(0, 3, 1, 2)
     x = x.float().div_(255)
     raw: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []  # per batch, per model: (maps, heads) on CPU
@@ -107,6 +108,8 @@ def predict_normal(ens: Ensemble, images: Sequence[np.ndarray]) -> tuple[list[di
         norms.append({"pixel": list(tail_standardiser(pix, 0.999, cap=2_000_000)),
                       "image": list(tail_standardiser(torch.cat(heads).double(), 0.99)) if heads else None})
     ens.set_norms(norms)
+    if any(im.shape[:2] != (ens.tile, ens.tile) for im in images):  # predicted as `predict` would (tiles, windows)
+        return norms, predict_shown(ens, images, "held-out normal crops, normalised")
     return norms, [r for b in raw for r in ens.crop_results(b)]
 
 

@@ -391,7 +391,15 @@ def test_recalibrate_copies_the_models_only_and_never_touches_the_run_it_reads(t
         main(["--bench", str(tmp_path), "--out", str(tmp_path / "o2")])
     with pytest.raises(SystemExit, match="must not be --bench"):
         main(["--bench", str(tmp_path / "bench"), "--out", str(tmp_path / "bench")])
+    (part / "steps.json").write_text(json.dumps({"fit_patchcore": {"seconds": 1.0, "args": []},
+                                                 "train_evidence": {"started": True, "args": []}}))
+    with pytest.raises(SystemExit, match="aitex-p4: train_evidence left half done by an interrupted run"):
+        main(["--bench", str(tmp_path / "bench"), "--out", str(tmp_path / "o2")])
     assert not (tmp_path / "o2").exists()
+    from benchmarks.run import methods_run  # recalibrate's default: the rows the run has, no model trained anew
+    (tmp_path / "bench" / "results.json").write_text(json.dumps({"results": {"aitex-p4": {
+        "Hybrid Evidence UNet + PatchCore": {}, "PatchCore": {}}}}))
+    assert methods_run(tmp_path / "bench") == ("patchcore", "hybrid_evidence") and methods_run(tmp_path) is None
 
 
 class StopBench(Exception):
@@ -433,6 +441,42 @@ def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, benc
         assert sets[-2:] == ["data.holdout=0.3", "baseline.n_train=900"]
     fit = [calls[1][i + 1] for i, x in enumerate(calls[1]) if x == "-s"]
     assert fit.index("baseline.n_train=300") < fit.index("baseline.n_train=900")
+
+
+def test_bench_never_resumes_what_another_run_left_and_restarts_what_cannot_resume(tmp_path, bench_steps,
+                                                                                     monkeypatch):
+    """A step run afresh starts from nothing (a stale last.pt of another run would be resumed later); a step that
+    cannot resume (its config or code changed) is run afresh instead of failing every `--reuse`."""
+    bench, calls = bench_steps
+    fake_run = bench.run
+    out = tmp_path / "out"
+    (out / "evidence_s0").mkdir(parents=True)
+    (out / "evidence_s0" / "last.pt").write_bytes(b"another run's")
+
+    def once(reuse):
+        calls.clear()
+        with pytest.raises(StopBench):
+            bench.run_set("x-p1", str(tmp_path), 1, out, dict(bench.QUICK), ("evidence",), reuse, print)
+
+    def killed(cmd, log):
+        assert not (out / "evidence_s0" / "last.pt").exists()  # gone before the step starts
+        calls.append(cmd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        once(True)
+
+    def no_resume(cmd, log):
+        if "--resume" in cmd:
+            calls.append(cmd)
+            raise SystemExit("step failed (1): ...\nerror: last.pt: another model than this command's")
+        return fake_run(cmd, log)
+
+    monkeypatch.setattr(bench, "run", no_resume)
+    once(True)
+    assert [c[-1] == "--resume" for c in calls] == [True, False]
+    assert json.loads((out / "steps.json").read_text())["train_evidence"]["resumed"] is False
 
 
 def test_bench_quick_makes_the_default_methods_models_only(tmp_path, bench_steps):

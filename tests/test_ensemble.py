@@ -391,6 +391,10 @@ def test_normal_crops_are_predicted_once_and_give_what_predict_gives():
             assert (r["image"] is None) == (a["image"] is None) == (not all(heads))
             assert r["image"] is None or r["image"] == pytest.approx(a["image"], abs=1e-5)
         assert np.std([r["map"].max() for r in results]) > 0.005  # the maps differ from crop to crop
+    ens = Ensemble([Conv(0, True)], 1, 96, "cpu", "none", batch_size=4)  # crops larger than the tile: tiled
+    _, results = predict_normal(ens, normal)
+    for r, a in zip(results, ens.predict(normal), strict=True):
+        np.testing.assert_allclose(r["map"], a["map"], atol=1e-5)
 
 
 def test_labelled_calibration_beats_the_defaults_and_is_the_oracle():
