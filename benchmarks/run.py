@@ -72,8 +72,9 @@ CONFIG = str(ROOT / "configs" / "default.yaml")
 
 
 def run(cmd: list[str], log) -> dict:
-    """Run one step as a child process: wall seconds and its own peak RSS (MiB); fail loudly with its output."""
-    log(f"$ {' '.join(cmd)}")
+    """Run one step as a child process: wall seconds and its own peak RSS (MiB); fail loudly with its output. The log
+    gets the time it starts and how long it took (what a person watching a long benchmark wants to see)."""
+    log(f"{time.strftime('%H:%M:%S')} $ {' '.join(cmd)}")
     start = time.perf_counter()
     p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *cmd], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
@@ -82,7 +83,9 @@ def run(cmd: list[str], log) -> dict:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"step failed ({p.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_mb": usage.ru_maxrss / 1024, "output": out}
+    r = {"seconds": time.perf_counter() - start, "peak_mb": usage.ru_maxrss / 1024, "output": out}
+    log(f"{time.strftime('%H:%M:%S')}   {cmd[0]} {cmd[1]}: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MiB")
+    return r
 
 
 def pr_plot(path: Path, curves: dict) -> None:

@@ -402,6 +402,19 @@ def test_recalibrate_copies_the_models_only_and_never_touches_the_run_it_reads(t
     assert methods_run(tmp_path / "bench") == ("patchcore", "hybrid_evidence") and methods_run(tmp_path) is None
 
 
+def test_a_bench_step_logs_when_it_started_and_how_long_it_took():
+    import re
+
+    from benchmarks.run import run
+
+    logs = []
+    r = run(["ensemble", "--help"], logs.append)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d \$ ensemble --help", logs[0]) and "calibrate" in r["output"]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d   ensemble --help: \d+ s, peak \d+ MiB", logs[1]) and len(logs) == 2
+    with pytest.raises(SystemExit, match="step failed"):
+        run(["ensemble", "nonsense"], logs.append)
+
+
 class StopBench(Exception):
     """Raised where `benchmarks.run.run_set` would read the test crops: the steps before it are what is tested."""
 
