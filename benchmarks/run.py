@@ -312,6 +312,9 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     sets = parse_sets(a.sets, a.data, a.part, a.data_root)
+    for _, data, part in sets:  # every set's folders before the first training: a typo fails now, not an hour in
+        for kind in ("OK_Images", "TC_Images"):
+            competition_dir(data, part, kind)
 
     def run_meta(done: dict) -> dict:
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -492,6 +492,20 @@ def test_bench_never_resumes_what_another_run_left_and_restarts_what_cannot_resu
     assert json.loads((out / "steps.json").read_text())["train_evidence"]["resumed"] is False
 
 
+def test_bench_checks_every_sets_folders_before_it_trains_anything(tmp_path, bench_steps, monkeypatch):
+    bench, calls = bench_steps
+
+    def layout(root, part, kind):
+        if part == 9:
+            raise InputError(f"{root}: no part{part}/{kind} folder")
+        return tmp_path
+
+    monkeypatch.setattr(bench, "competition_dir", layout)
+    with pytest.raises(InputError, match="no part9/OK_Images"):
+        bench.main(["--quick", "--sets", "a:1,b:9", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert calls == [] and not (tmp_path / "o").exists()
+
+
 def test_bench_quick_makes_the_default_methods_models_only(tmp_path, bench_steps):
     """`bench --quick` trains the default method's two models (at the quick budget), nothing else, unless asked."""
     bench, calls = bench_steps
