@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sets", default=DEV_SETS, help="as benchmarks/run.py")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared/data"))
     ap.add_argument("--methods", default="evidence,patchcore,hybrid_evidence", help="as benchmarks/run.py")
+    ap.add_argument("--hybrid-tta", default="flip", help="as benchmarks/run.py (every arm alike)")
     ap.add_argument("--out", default="runs/ab")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
@@ -173,7 +174,7 @@ def main(argv=None) -> dict:
         if left is not None and left <= 0:
             return f"{folder.name}: not started (deadline)"
         cmd = [sys.executable, str(ROOT / "benchmarks/run.py"), "--sets", part, "--data-root", a.data_root,
-               "--methods", a.methods, "--out", str(folder), "-s", f"train.seed={seed}"]
+               "--methods", a.methods, "--hybrid-tta", a.hybrid_tta, "--out", str(folder), "-s", f"train.seed={seed}"]
         cmd += [x for o in ov for x in ("-s", o)] + (["--reuse"] if folder.exists() else [])
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "ab.log", "w") as log:
