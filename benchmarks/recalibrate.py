@@ -69,9 +69,9 @@ def main(argv=None) -> dict:
     if out.resolve() == src.resolve():
         raise SystemExit("--out: must not be --bench (its models would be recalibrated in place)")
     for part in parts:
-        if bench.interrupted_steps(part):
-            raise SystemExit(f"{part}: {', '.join(bench.interrupted_steps(part))} left half done by an interrupted "
-                             "run: finish it first (the same benchmarks/run.py command with --reuse)")
+        if half := bench.interrupted_steps(part):
+            raise SystemExit(f"{part}: {', '.join(half)} left half done by an interrupted run: finish it first "
+                             "(the same benchmarks/run.py command with --reuse)")
     methods = a.methods or ",".join(bench.methods_run(src) or bench.DEFAULT_METHODS)  # none trained here anew
     sets = []
     for part in parts:

@@ -247,10 +247,10 @@ def run_set(label: str, data: str, part: int, out: Path, b: dict, methods: tuple
         summary = read_json_file(out / "pred" / slug / "predict.json")
         keys = [f"train_{x}" if x in {m for _, m, _ in SEGMENTERS} else f"fit_{x}" for x in parts]
         fit = [steps[k] for k in keys if k in steps]
-        timed = fit and not any(x.get("resumed") or "seconds" not in x for x in fit)  # a resumed step: part of it
+        timed = fit and not any(x.get("resumed") for x in fit)  # a resumed step timed only part of its work
         m.update(fit_seconds=sum(x["seconds"] for x in fit) if timed else float("nan"),
                  predict_images_per_s=summary["images_per_s"],
-                 peak_mb=max([pred["peak_mb"]] + [x.get("peak_mb", 0.0) for x in fit]), params=summary["params"])
+                 peak_mb=max([pred["peak_mb"]] + [x["peak_mb"] for x in fit]), params=summary["params"])
         results[name] = m
         flat_p = np.concatenate([p.ravel() for p in probs])
         flat_g = np.concatenate([g.ravel() > 0 for g in gt])

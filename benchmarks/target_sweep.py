@@ -79,10 +79,12 @@ def main(argv=None) -> None:
     targets = [float(t) for t in a.targets.split(",")]
     balances = (False,) if a.no_balance else (False, True)
     bench = Path(a.bench)
-    parts = sorted(p for p in bench.iterdir() if (p / "steps.json").exists())
-    for p in [p for p in parts if interrupted_steps(p)]:
-        print(f"{p}: skipped, {', '.join(interrupted_steps(p))} left half done (finish it: benchmarks/run.py --reuse)")
-        parts.remove(p)
+    parts = []
+    for p in sorted(p for p in bench.iterdir() if (p / "steps.json").exists()):
+        if half := interrupted_steps(p):
+            print(f"{p}: skipped, {', '.join(half)} left half done (finish it: benchmarks/run.py --reuse)")
+        else:
+            parts.append(p)
     if a.parts:
         parts = [p for p in parts if p.name in a.parts.split(",")]
     lines = ["| method | escape over sizes | part | " + " | ".join(f"{t:g}" for t in targets) + " |",
