@@ -26,7 +26,7 @@ def _padim(a: ModelArgs) -> Padim:
 
 @register_arch("patchcore")
 def _patchcore(a: ModelArgs) -> PatchCore:
-    return PatchCore(a.backbone, _extractor_weights(a), a.coreset_ratio, seed=a.seed)
+    return PatchCore(a.backbone, _extractor_weights(a), a.coreset_ratio, seed=a.seed, bank_flip=a.bank_flip)
 
 
 @register_arch("ssim_ae")

@@ -15,14 +15,16 @@ class PatchCore(FrozenFeatures, MemoryModel):
     sized_buffers = ("bank",)  # its size: what fitting chose
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
-                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0):
+                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0, bank_flip: bool = False):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
-        `encoder`, as for every registered model, and this is `none`)."""
+        `encoder`, as for every registered model, and this is `none`). bank_flip: fit the bank on the OK crops and
+        their mirror images (left-right), the view that flip TTA shows it."""
         super().__init__()
         self.extractor = FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights"))
         self.encoder = self.extractor
         dim = sum(self.extractor.channels)
         self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma
+        self.bank_flip = bank_flip
         self.register_buffer("bank", torch.zeros(bank_size, dim))
         self.register_buffer("image_center", torch.tensor(0.0))
         self.register_buffer("image_scale", torch.tensor(1.0))
@@ -34,6 +36,8 @@ class PatchCore(FrozenFeatures, MemoryModel):
 
     @torch.no_grad()
     def fit(self, crops: torch.Tensor, batch_size: int = 32) -> None:
+        if self.bank_flip:
+            crops = torch.cat([crops, crops.flip(-1)])
         emb = torch.cat([self.embed(crops[k:k + batch_size]) for k in range(0, len(crops), batch_size)])
         bank = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         idx, self.radius = greedy_coreset(bank, int(len(bank) * self.coreset_ratio), self.seed)

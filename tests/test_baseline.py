@@ -11,7 +11,7 @@ from conftest import textured
 
 import baseline  # noqa: F401  (registers padim, patchcore, ssim_ae)
 from baseline.common import ok_crops
-from baseline.fit import fit_baseline
+from baseline.fit import baseline_config, fit_baseline
 from baseline.patchcore import greedy_coreset, nearest
 from core.io import InputError
 from core.modelfile import load_model_file, save_model_file
@@ -19,7 +19,7 @@ from core.progress import progress_to
 from ensemble.models import Ensemble, load_model
 from core.postprocess import postprocess
 from seg.config import load_config
-from seg.models import create_model
+from seg.models import create_model, model_from_config
 from synth.dataset import to_tensors
 from synth.engine import SourcePool
 
@@ -132,6 +132,25 @@ def test_the_coreset_shows_its_progress_on_the_callers_bar(fitted, tmp_path):
     RecordingBar.seen = []
     fit_baseline(cfg, "patchcore", tmp_path / "pc2.pt", progress=StepsOnly, log=lambda m: None)
     assert RecordingBar.seen == []
+
+
+def test_patchcore_bank_flip_holds_the_mirror_images():
+    """`baseline.bank_flip` reaches the PatchCore that `baseline fit` builds, and its bank then holds the OK crops'
+    mirror images: a mirrored OK crop (the view flip TTA shows) is as normal as the crop itself. Without it the
+    mirror image of an asymmetric texture (a gradient, a dark left band) is far from every patch of the bank."""
+    img = textured(3)
+    crops = torch.from_numpy(np.stack([img[:96, :96], img[60:156, 100:196]])).float()[:, None] / 255
+    peak = {}
+    for flip in (False, True):
+        cfg = baseline_config(load_config(None, [f"baseline.bank_flip={str(flip).lower()}",
+                                                 "baseline.coreset_ratio=1.0"]), "patchcore")
+        pc = model_from_config(cfg["model"]).net
+        assert pc.bank_flip is flip
+        pc.fit(crops)
+        assert len(pc.bank) == (2 if flip else 1) * 2 * 12 * 12  # every patch (ratio 1) of the 96-px crops, stride 8
+        peak[flip] = [float(pc.anomaly_map(x).amax()) for x in (crops, crops.flip(-1))]
+    assert peak[True] == [0.0, 0.0] and peak[False][0] == 0.0
+    assert peak[False][1] > 5
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore", "ssim_ae"])

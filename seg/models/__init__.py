@@ -114,6 +114,7 @@ class ModelArgs:
     ae_latent: int = 100  # ssim_ae: bottleneck width and channel width
     ae_width: int = 16
     seed: int = 0  # random choices inside a model (padim's channels, a coreset's start)
+    bank_flip: bool = False  # patchcore: its bank also holds the OK crops' mirror images
 
     @property
     def backbone(self) -> str:
@@ -172,7 +173,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
                  in_channels: int = 1, decoder_channels: Sequence[int] = (128, 64, 32, 16, 8),
                  image_head: bool = True, deep_supervision: bool = True, cgm: bool = True,
                  coreset_ratio: float = 0.1, size: int = 128, padim_dims: int = 100, ae_latent: int = 100,
-                 ae_width: int = 16, seed: int = 0) -> Segmenter:
+                 ae_width: int = 16, seed: int = 0, bank_flip: bool = False) -> Segmenter:
     """Build a segmenter.
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
@@ -181,7 +182,8 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units)
     or `realnet` (feature reconstruction and residual segmentation on the frozen stride-4/8/16 features of `encoder`,
     see `seg.models.realnet`; `decoder_channels[0] // 2` hidden units; `fit_normal` before training), or a baseline
-    registered by `baseline`: `padim` (`padim_dims` channels; `size` crops only), `patchcore` (`coreset_ratio`) on
+    registered by `baseline`: `padim` (`padim_dims` channels; `size` crops only), `patchcore` (`coreset_ratio`,
+    `bank_flip`: the bank holds the OK crops' mirror images too) on
     the frozen features of `encoder`, `ssim_ae` (`ae_latent`, `ae_width`; `size` crops only; trained from scratch,
     `encoder` and `weights` unused).
     weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub
@@ -200,7 +202,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     if weights == "imagenet":
         hub = True if encoder.startswith("tu-") else "imagenet"
     args = ModelArgs(encoder, weights, hub, in_channels, tuple(decoder_channels), image_head, deep_supervision,
-                     cgm, coreset_ratio, size, padim_dims, ae_latent, ae_width, seed)
+                     cgm, coreset_ratio, size, padim_dims, ae_latent, ae_width, seed, bank_flip)
     try:
         net = ARCHS[arch](args)
     except (KeyError, ValueError) as e:
@@ -220,4 +222,5 @@ def model_from_config(model_cfg: dict, size: int = 128, seed: int = 0) -> Segmen
     m = model_cfg
     return create_model(m["arch"], m["encoder"], m["weights"], m["in_channels"], m["decoder_channels"],
                         m["image_head"], m["deep_supervision"], m["cgm"], m.get("coreset_ratio", 0.1), size,
-                        m.get("padim_dims", 100), m.get("ae_latent", 100), m.get("ae_width", 16), seed)
+                        m.get("padim_dims", 100), m.get("ae_latent", 100), m.get("ae_width", 16), seed,
+                        m.get("bank_flip", False))
