@@ -15,7 +15,7 @@ class PatchCore(FrozenFeatures, MemoryModel):
     sized_buffers = ("bank",)  # its size: what fitting chose
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
-                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0, bank_flip: bool = False):
+                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0, bank_flip: bool = True):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
         `encoder`, as for every registered model, and this is `none`). bank_flip: fit the bank on the OK crops and
         their mirror images (left-right), the view that flip TTA shows it."""

@@ -114,7 +114,7 @@ class ModelArgs:
     ae_latent: int = 100  # ssim_ae: bottleneck width and channel width
     ae_width: int = 16
     seed: int = 0  # random choices inside a model (padim's channels, a coreset's start)
-    bank_flip: bool = False  # patchcore: its bank also holds the OK crops' mirror images
+    bank_flip: bool = True  # patchcore: its bank also holds the OK crops' mirror images
 
     @property
     def backbone(self) -> str:
@@ -173,7 +173,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
                  in_channels: int = 1, decoder_channels: Sequence[int] = (128, 64, 32, 16, 8),
                  image_head: bool = True, deep_supervision: bool = True, cgm: bool = True,
                  coreset_ratio: float = 0.1, size: int = 128, padim_dims: int = 100, ae_latent: int = 100,
-                 ae_width: int = 16, seed: int = 0, bank_flip: bool = False) -> Segmenter:
+                 ae_width: int = 16, seed: int = 0, bank_flip: bool = True) -> Segmenter:
     """Build a segmenter.
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
