@@ -149,8 +149,8 @@ def test_patchcore_bank_flip_holds_the_mirror_images():
         pc.fit(crops)
         assert len(pc.bank) == (2 if flip else 1) * 2 * 12 * 12  # every patch (ratio 1) of the 96-px crops, stride 8
         peak[flip] = [float(pc.anomaly_map(x).amax()) for x in (crops, crops.flip(-1))]
-    assert peak[True] == [0.0, 0.0] and peak[False][0] == 0.0
-    assert peak[False][1] > 5
+    far = peak[False][1]  # the mirror image without bank_flip; every other case is a patch of the bank itself
+    assert far > 0 and max(peak[True] + peak[False][:1]) <= 1e-3 * far
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore", "ssim_ae"])

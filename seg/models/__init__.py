@@ -223,4 +223,4 @@ def model_from_config(model_cfg: dict, size: int = 128, seed: int = 0) -> Segmen
     return create_model(m["arch"], m["encoder"], m["weights"], m["in_channels"], m["decoder_channels"],
                         m["image_head"], m["deep_supervision"], m["cgm"], m.get("coreset_ratio", 0.1), size,
                         m.get("padim_dims", 100), m.get("ae_latent", 100), m.get("ae_width", 16), seed,
-                        m.get("bank_flip", False))
+                        m.get("bank_flip", False))  # a file older than the key was fitted without
