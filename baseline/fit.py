@@ -44,7 +44,7 @@ def baseline_config(cfg: dict, method: str) -> dict:
         epochs = max(1, b["ae_steps"] // AE_EPOCH_STEPS)
         t.update(epochs=epochs, steps_per_epoch=math.ceil(b["ae_steps"] / epochs), batch_size=b["ae_batch"],
                  lr=b["ae_lr"], weight_decay=1e-5, aux_loss_weight=1.0,
-                 augment={k: (0.5 if k == "flip" else 0.0) for k in t["augment"]})
+                 augment={k: (0.5 if k in ("flip", "vflip") else 0.0) for k in t["augment"]})
     cfg["predict"]["tta"] = "none"
     return cfg
 

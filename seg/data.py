@@ -14,10 +14,13 @@ from core.io import InputError, find_images, find_mask_dir, mask_path_for, read_
 
 
 def build_augment(cfg: dict) -> A.Compose | None:
-    """Flips, rot90, brightness/contrast, Gaussian noise, blur and small shifts; each value is a probability."""
+    """Left-right flip (`flip`, what flip TTA undoes), up-down flip (`vflip`), rot90, brightness/contrast, Gaussian
+    noise, blur and small shifts; each value is a probability."""
     t = []
     if cfg.get("flip"):
-        t += [A.HorizontalFlip(p=cfg["flip"]), A.VerticalFlip(p=cfg["flip"])]
+        t.append(A.HorizontalFlip(p=cfg["flip"]))
+    if cfg.get("vflip"):
+        t.append(A.VerticalFlip(p=cfg["vflip"]))
     if cfg.get("rot90"):
         t.append(A.RandomRotate90(p=cfg["rot90"]))
     if cfg.get("brightness_contrast"):

@@ -390,6 +390,45 @@ def test_evidence_unet_sees_a_planted_defect_in_its_evidence_channel(ok_dir):
         assert torch.equal(again(crops_tensor([crop]))["mask"], out["mask"])
 
 
+def test_evidence_bank_holds_the_mirror_images_and_training_flips_only_as_the_bank_does():
+    """`model.bank_flip` reaches the evidence UNet's normal bank, which then holds the OK crops' mirror images too: a
+    mirrored OK crop (the training `flip`, flip TTA) is as normal to it as the crop itself, where without them the
+    mirror image of an asymmetric texture is far from every normal patch. The default augmentation's geometric part
+    shows the model only views the bank holds: each crop as it is or mirrored left-right, never flipped up-down or
+    turned by 90 degrees (views the evidence would call abnormal everywhere)."""
+    import numpy as np
+
+    from conftest import textured
+    from seg.data import SeededAugment, build_augment
+    from seg.models import model_from_config
+
+    img = textured(3)
+    crops = torch.from_numpy(np.stack([img[:96, :96], img[60:156, 100:196]])).float()[:, None] / 255
+    peak = {}
+    for flip in (False, True):
+        cfg = load_config(None, [f"model.bank_flip={str(flip).lower()}", "model.coreset_ratio=1.0",
+                                 "model.weights=none", "model.decoder_channels=[32,16,16,8,8]"])
+        ev = model_from_config(cfg["model"]).net.evidence
+        assert ev.bank_flip is flip
+        ev.fit(crops, crops[:1, :, :64, :64])
+        assert len(ev.bank) == (2 if flip else 1) * 2 * 12 * 12  # every patch (ratio 1) of the 96-px crops, stride 8
+        peak[flip] = [float(ev.raw(x).amax()) for x in (crops, crops.flip(-1))]
+    far = peak[False][1]  # the mirror image without the mirrored bank; every other case is a patch of the bank
+    assert far > 0 and max(peak[True] + peak[False][:1]) <= 1e-3 * far
+
+    geometric = {k: (v if k in ("flip", "vflip", "rot90") else 0.0)
+                 for k, v in load_config(None, [])["train"]["augment"].items()}
+    aug = SeededAugment(build_augment(geometric))
+    mask = np.zeros_like(img)
+    seen = set()
+    for seed in range(32):
+        out = aug(img, mask, seed=seed)[0]
+        views = [np.array_equal(out, v) for v in (img, img[:, ::-1])]
+        assert any(views), f"seed {seed}: a view other than the crop and its mirror image"
+        seen.add(views.index(True))
+    assert seen == {0, 1}
+
+
 def test_evidence_unet_trains_in_the_same_loop_and_reloads(ok_dir, tmp_path):
     from ensemble.models import load_model
 

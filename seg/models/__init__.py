@@ -114,7 +114,7 @@ class ModelArgs:
     ae_latent: int = 100  # ssim_ae: bottleneck width and channel width
     ae_width: int = 16
     seed: int = 0  # random choices inside a model (padim's channels, a coreset's start)
-    bank_flip: bool = True  # patchcore: its bank also holds the OK crops' mirror images
+    bank_flip: bool = True  # patchcore, evidence_unet: the normal bank also holds the OK crops' mirror images
 
     @property
     def backbone(self) -> str:
@@ -136,7 +136,7 @@ def _unet3plus(a: ModelArgs) -> nn.Module:
 
 def _evidence_unet(a: ModelArgs) -> nn.Module:
     return EvidenceUnet(a.encoder, a.hub, a.in_channels, a.decoder_channels, a.image_head, a.weights,
-                        a.coreset_ratio)
+                        a.coreset_ratio, a.bank_flip)
 
 
 def _simplenet(a: ModelArgs) -> nn.Module:
@@ -178,7 +178,8 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
     and `cgm` apply to it alone) or `evidence_unet` (smp Unet on the image plus a normal model's evidence, see
-    `seg.models.evidence`; call `fit_normal` on OK crops before training) or `simplenet` (a discriminator on the
+    `seg.models.evidence`; `coreset_ratio`, `bank_flip` for its bank; call `fit_normal` on OK crops before
+    training) or `simplenet` (a discriminator on the
     frozen stride-8/16 features of `encoder`, see `seg.models.simplenet`; `decoder_channels[0] * 2` hidden units)
     or `realnet` (feature reconstruction and residual segmentation on the frozen stride-4/8/16 features of `encoder`,
     see `seg.models.realnet`; `decoder_channels[0] // 2` hidden units; `fit_normal` before training), or a baseline

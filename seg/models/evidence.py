@@ -33,12 +33,15 @@ class NormalEvidence(FrozenFeatures):
 
     sized_buffers = ("bank",)  # its size: what fitting chose
 
-    def __init__(self, weights: str = "lite", coreset_ratio: float = 0.1, sigma: float = 2.0, seed: int = 0):
+    def __init__(self, weights: str = "lite", coreset_ratio: float = 0.1, sigma: float = 2.0, seed: int = 0,
+                 bank_flip: bool = True):
+        """bank_flip: the bank also holds the patches of the OK crops' left-right mirror images, so a mirrored
+        normal crop (training's `flip` augmentation, flip TTA) is as normal to it as the crop itself."""
         super().__init__()
         # the offline Lite weights for any pretrained choice (they ship with the requirements); random only for tests
         backbone_weights = "none" if weights == "none" else "lite"
         self.extractor = FeatureExtractor("tf_efficientnet_lite0", backbone_weights, (2, 3))
-        self.coreset_ratio, self.sigma, self.seed = coreset_ratio, sigma, seed
+        self.coreset_ratio, self.sigma, self.seed, self.bank_flip = coreset_ratio, sigma, seed, bank_flip
         self.register_buffer("bank", torch.zeros(1, sum(self.extractor.channels)))
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -62,6 +65,8 @@ class NormalEvidence(FrozenFeatures):
     @torch.no_grad()
     def fit(self, normal: torch.Tensor, held: torch.Tensor, batch_size: int = 32) -> None:
         """Memory bank from `normal` crops (greedy coreset), standardisation on other normal crops `held`."""
+        if self.bank_flip:
+            normal = torch.cat([normal, normal.flip(-1)])
         emb = torch.cat([self.embed(normal[k:k + batch_size]) for k in range(0, len(normal), batch_size)])
         bank = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         idx, _ = greedy_coreset(bank, int(len(bank) * self.coreset_ratio), self.seed, project=64)
@@ -81,9 +86,9 @@ class EvidenceUnet(nn.Module):
     wants_raw = True  # `Segmenter` passes the un-normalised image too: the evidence has its own preprocessing
 
     def __init__(self, encoder: str, encoder_weights, in_channels: int, decoder_channels: Sequence[int],
-                 image_head: bool, evidence_weights: str, coreset_ratio: float = 0.1):
+                 image_head: bool, evidence_weights: str, coreset_ratio: float = 0.1, bank_flip: bool = True):
         super().__init__()
-        self.evidence = NormalEvidence(evidence_weights, coreset_ratio)
+        self.evidence = NormalEvidence(evidence_weights, coreset_ratio, bank_flip=bank_flip)
         aux = dict(classes=1, pooling="max", dropout=0.2) if image_head else None
         self.unet = smp.Unet(encoder, encoder_weights=encoder_weights, in_channels=in_channels + 1, classes=1,
                              decoder_channels=tuple(decoder_channels), aux_params=aux)
