@@ -31,7 +31,8 @@ DEFAULTS: dict = {
         "aux_loss_weight": 1.0,
         "curriculum": {"schedule": "linear", "start": 0.4, "end": 1.0, "ramp_epochs": 8},
         # geometric augmentation only as far as the normal banks see it too: left-right flips (`flip`; the banks
-        # hold the mirror images, `bank_flip`), no up-down flips or rot90 by default (README: orientation)
+        # hold the mirror images, `bank_flip`), no up-down flips or rot90 by default (README: "The evidence UNet's
+        # views")
         "augment": {"flip": 0.5, "vflip": 0.0, "rot90": 0.0, "brightness_contrast": 0.3, "noise": 0.2, "blur": 0.1,
                     "shift": 0.2},
         "val_n": 192, "val_seed": 12345, "val_dir": None, "metric": "score", "early_stopping": 0, "ema": 0.0,
