@@ -33,8 +33,8 @@ TTA = {"none": lambda: None,
 
 def tta_modes(mode: str, n: int) -> list[str]:
     """`tta` for an ensemble of `n` models -> one mode per model: one of TTA for all, or one per model,
-    comma-separated in model order (`d4,flip`: a segmenter trained with rotations beside a PatchCore whose bank
-    holds upright patches only)."""
+    comma-separated in model order (`d4,flip`: a segmenter trained with rotations, `train.augment.rot90`, beside
+    a PatchCore whose bank holds the crops and their left-right mirror images only)."""
     modes = per_model(str(mode))
     if any(m not in TTA for m in modes) or len(modes) not in (1, n):
         raise InputError(f"tta: expected none, flip or d4, or one of them per model, comma-separated ({n} "

@@ -23,7 +23,8 @@ DEFAULTS: dict = {
         "arch": "evidence_unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
         "decoder_channels": [128, 64, 32, 16, 8], "image_head": True, "deep_supervision": True, "cgm": True,
         "coreset_ratio": 0.1, "normal_crops": 128,
-        "padim_dims": 100, "ae_latent": 100, "ae_width": 16, "bank_flip": True,  # the baselines' own settings
+        "padim_dims": 100, "ae_latent": 100, "ae_width": 16,  # the baselines' own settings
+        "bank_flip": True,  # patchcore's and evidence_unet's banks also hold the OK crops' mirror images
     },
     "train": {
         "epochs": 12, "steps_per_epoch": 40, "batch_size": 16, "lr": 2e-3, "weight_decay": 1e-4,
