@@ -10,7 +10,8 @@ what `seg train` and `baseline fit` do at their end), then runs `benchmarks/run.
 calibrated again, every method predicted and scored. The trained models are the same, so their maps are (pixel AP
 and AUROC do not move, unless a TTA changes); only the operating points do: a change of calibration measured on the
 same models. Without -s the copies keep the calibration they carry, and only the ensembles are calibrated again
-(e.g. `--hybrid-tta d4,flip --methods hybrid_evidence`: the segmenter over d4, PatchCore over flip).
+(e.g. `--hybrid-tta d4,flip --methods hybrid_evidence`: the segmenter over d4, PatchCore over flip; d4 suits a
+segmenter trained with `train.augment.vflip` and `rot90`, which show it those views).
 """
 
 from __future__ import annotations

@@ -288,7 +288,8 @@ def main(argv=None) -> dict:
                     help="the leave-one-family-out check instead (benchmarks/lofo.py): lofo.md in --out")
     ap.add_argument("--hybrid-tta", default="flip",
                     help="TTA of the hybrid ensembles, one mode or one per model (d4,flip: the segmenter d4, "
-                         "PatchCore flip); single model files use the TTA they store")
+                         "PatchCore flip; d4 only for a segmenter trained with train.augment.vflip and rot90, "
+                         "whose views d4 shows); single model files use the TTA they store")
     a = ap.parse_args(argv)
     asked = a.methods is not None
     methods = tuple(m.strip() for m in a.methods.split(",")) if asked else \

@@ -165,6 +165,14 @@ def plot_curves(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _keys(cfg: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested config (`train.augment.vflip`)."""
+    out = []
+    for k, v in cfg.items():
+        out += _keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
 class Trainer:
     """Holds everything one training run needs; `fit()` runs it."""
 
@@ -309,6 +317,10 @@ class Trainer:
         self.rows, self.best, self.best_epoch, self.stale = ckpt["rows"], ckpt["best"], ckpt["best_epoch"], \
             ckpt["stale"]
         self.start_epoch = ckpt["epoch"] + 1
+        newer = sorted(set(_keys(self.cfg)) - set(_keys(ckpt.get("config", {}))))
+        if newer:  # an older toolkit made it: those settings (and what they switch on) did not exist then
+            self.log(f"{path} has no settings {', '.join(newer[:6])}{' ...' if len(newer) > 6 else ''} (an older "
+                     "version made it): it goes on as it began; rerun without --resume for today's defaults")
         self.log(f"resumed from {self.out / 'last.pt'} after epoch {ckpt['epoch']}")
 
     # ------------------------------------------------------------------------------------------- loop

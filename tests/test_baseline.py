@@ -91,6 +91,27 @@ def test_coreset_covers_the_bank_within_its_radius():
     assert torch.all(i[:, 0] == torch.arange(10)) and torch.allclose(d[:, 0], torch.zeros(10), atol=5e-3)
 
 
+def test_coreset_picks_the_farthest_row_each_time_and_nearest_finds_the_true_nearest_rows():
+    """The fast paths (direct float64 differences in the coreset, argmin over |b|^2 - 2 q.b in `nearest`) return
+    what the definitions say, checked by brute force on rows far from the origin (where cancellation would bite)."""
+    g = torch.Generator().manual_seed(1)
+    bank = 50 + torch.randn(400, 16, generator=g)
+    idx, radius = greedy_coreset(bank, 40, seed=3)
+    b = bank.double()
+    for k in range(1, 40):
+        to_chosen = torch.cdist(b, b[idx[:k]]).min(1).values
+        assert to_chosen[idx[k]] == to_chosen.max()  # the row farthest from those already chosen
+    assert abs(radius - float(torch.cdist(b, b[idx]).min(1).values.max())) < 1e-9
+    query = 50 + torch.randn(37, 16, generator=g)
+    d, i = nearest(query, bank, k=3, chunk=8)
+    full = torch.cdist(query.double(), b)
+    want = full.topk(3, dim=1, largest=False)
+    assert torch.equal(i, want.indices)
+    assert torch.allclose(d.double(), want.values, atol=1e-4)
+    d1, i1 = nearest(query, bank, k=1, chunk=5)
+    assert torch.equal(i1, want.indices[:, :1]) and i1.shape == (37, 1) and d1.shape == (37, 1)
+
+
 class RecordingBar:
     """A progress-bar factory, as cli.Bar, that records (description, total, steps shown)."""
     seen: list = []

@@ -235,6 +235,7 @@ def test_resume_continues_exactly(ok_dir, tmp_path, ema):
     logs = []
     train(half, resume=True, log=logs.append)
     assert any("resumed" in m and "after epoch 0" in m for m in logs)
+    assert not any("has no settings" in m for m in logs)  # the same toolkit: nothing to warn of
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert [r["epoch"] for r in b["rows"]] == [0, 1]
     assert ("train_model" in a) == ("train_model" in b) == bool(ema)  # with train.ema: the weights trained on
@@ -280,6 +281,21 @@ def test_resume_across_a_change_of_train_ema_keeps_the_work(ok_dir, tmp_path):
     after = load_checkpoint(tmp_path / "last.pt")
     assert [r["epoch"] for r in after["rows"]] == [0, 1] and "train_model" in after
     assert any(not torch.equal(v, after["train_model"][k]) for k, v in before.items())  # it trained on from there
+
+
+def test_resume_of_a_run_made_before_a_key_existed_says_so(ok_dir, tmp_path):
+    """A last.pt whose stored config lacks keys of today's (an older toolkit made it: e.g. before
+    train.augment.vflip split the flips, when the evidence bank held no mirror images) resumes, with one line that
+    names them."""
+    train(tiny_config(ok_dir, tmp_path, epochs=1), log=lambda m: None)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    del ckpt["config"]["train"]["augment"]["vflip"]
+    save_model_file(tmp_path / "last.pt", ckpt)
+    logs = []
+    train(tiny_config(ok_dir, tmp_path, epochs=2), resume=True, log=logs.append)
+    said = [m for m in logs if "has no settings" in m]
+    assert len(said) == 1 and "settings train.augment.vflip (an older version" in said[0] and "last.pt" in said[0]
+    assert [r["epoch"] for r in load_checkpoint(tmp_path / "last.pt")["rows"]] == [0, 1]
 
 
 def test_resume_of_another_model_is_one_line_and_keeps_the_run(ok_dir, tmp_path):

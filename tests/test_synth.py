@@ -570,8 +570,8 @@ def test_draw_pair_is_draw_with_the_clean_crop_and_training_items_carry_it_augme
         image2, clean, mask2, rec2 = engine.draw_pair(np.random.default_rng([9, i]), pool)
         assert np.array_equal(image, image2) and np.array_equal(mask, mask2) and rec == rec2
         assert np.array_equal(clean, engine._crop(pool.load(pool.index(rec["source"])), rec["crop"]))
-    aug = SeededAugment(build_augment({"flip": 0.5, "rot90": 0.5, "brightness_contrast": 0.8, "noise": 0.8,
-                                       "blur": 0.3, "shift": 0.5}))
+    aug = SeededAugment(build_augment({"flip": 0.5, "vflip": 0.5, "rot90": 0.5, "brightness_contrast": 0.8,
+                                       "noise": 0.8, "blur": 0.3, "shift": 0.5}))
     assert "clean" not in SynthDataset(engine, pool, 2, seed=3, augment=aug)[0]  # only for a model that wants it
     ds = SynthDataset(engine, pool, 24, seed=3, augment=aug, with_clean=True)
     kinds = set()

@@ -107,33 +107,42 @@ def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, project: int | Non
     n = max(1, min(n, len(bank)))
     if project and bank.shape[1] > project:
         bank = bank @ (torch.randn(bank.shape[1], project, generator=g) / project ** 0.5)
-    bank = bank.double()  # squared distances by expansion: float64 keeps them exact enough to take the root
-    norms = (bank * bank).sum(1)
+    # distances to the newest centre by direct differences (one pass over the bank, no |a|^2 - 2ab + |b|^2
+    # cancellation), in float64 so that near-ties resolve the same way on every machine
+    bank = bank.double()
+
+    def to(i: int) -> torch.Tensor:
+        return torch.cdist(bank, bank[i:i + 1], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+
     nxt = int(torch.randint(len(bank), (1,), generator=g))
     idx = [nxt]
-    min_sq = (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0)
+    min_d = to(nxt)
     every, shown = max(1, (n - 1) // 100), 0  # the bar moves by about 1 %
     with task("coreset", n - 1) as bar:
         for i in range(n - 1):
-            nxt = int(torch.argmax(min_sq))
+            nxt = int(torch.argmax(min_d))
             idx.append(nxt)
-            torch.minimum(min_sq, (norms - 2 * (bank @ bank[nxt]) + norms[nxt]).clamp_min_(0), out=min_sq)
+            torch.minimum(min_d, to(nxt), out=min_d)
             if (i + 1) % every == 0 or i == n - 2:
                 bar(i + 1 - shown)
                 shown = i + 1
-    return torch.tensor(idx), float(min_sq.max().sqrt())
+    return torch.tensor(idx), float(min_d.max())
 
 
-def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096):
+def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 1024):
     """k nearest bank rows for each query row, in chunks so memory stays at chunk x len(bank) floats (one chunk
     when exporting to ONNX, whose graph must not depend on the number of rows).
 
-    The search uses `torch.cdist` (a matrix product, |q|^2 - 2 q.b + |b|^2), whose float32 cancellation costs
-    digits, and different ones in PyTorch and in onnxruntime; the distances returned are recomputed directly from
-    the rows found, so the same row gives the same distance on both backends, to rounding."""
+    The search ranks |b|^2 - 2 q.b (one matrix product; |q|^2 is the same for the whole row), whose float32
+    cancellation costs digits, and different ones in PyTorch and in onnxruntime; the distances returned are
+    recomputed directly from the rows found, so the same row gives the same distance on both backends, to
+    rounding."""
+    sq = (bank * bank).sum(1)[None]
 
     def one(q):
-        _, i = torch.cdist(q, bank).topk(k, dim=1, largest=False)
+        # |q - b|^2 up to the row's constant |q|^2: one matrix product, no square root; argmin when k is 1
+        s = torch.addmm(sq, q, bank.T, alpha=-2)
+        i = s.argmin(1, keepdim=True) if k == 1 else s.topk(k, dim=1, largest=False)[1]
         return torch.linalg.vector_norm(q[:, None, :] - bank[i], dim=-1), i
 
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
