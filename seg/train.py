@@ -318,9 +318,9 @@ class Trainer:
             ckpt["stale"]
         self.start_epoch = ckpt["epoch"] + 1
         newer = sorted(set(_keys(self.cfg)) - set(_keys(ckpt.get("config", {}))))
-        if newer:  # an older toolkit made it: those settings (and what they switch on) did not exist then
+        if newer:  # an older toolkit made it: those settings did not exist then, today's defaults fill them in
             self.log(f"{path} has no settings {', '.join(newer[:6])}{' ...' if len(newer) > 6 else ''} (an older "
-                     "version made it): it goes on as it began; rerun without --resume for today's defaults")
+                     "version made it): the remaining epochs use today's values for them")
         self.log(f"resumed from {self.out / 'last.pt'} after epoch {ckpt['epoch']}")
 
     # ------------------------------------------------------------------------------------------- loop

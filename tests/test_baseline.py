@@ -103,13 +103,17 @@ def test_coreset_picks_the_farthest_row_each_time_and_nearest_finds_the_true_nea
         assert to_chosen[idx[k]] == to_chosen.max()  # the row farthest from those already chosen
     assert abs(radius - float(torch.cdist(b, b[idx]).min(1).values.max())) < 1e-9
     query = 50 + torch.randn(37, 16, generator=g)
-    d, i = nearest(query, bank, k=3, chunk=8)
     full = torch.cdist(query.double(), b)
-    want = full.topk(3, dim=1, largest=False)
-    assert torch.equal(i, want.indices)
-    assert torch.allclose(d.double(), want.values, atol=1e-4)
-    d1, i1 = nearest(query, bank, k=1, chunk=5)
-    assert torch.equal(i1, want.indices[:, :1]) and i1.shape == (37, 1) and d1.shape == (37, 1)
+    want = full.topk(3, dim=1, largest=False).values
+    for k, chunk in ((3, 8), (1, 5)):
+        d, i = nearest(query, bank, k=k, chunk=chunk)
+        assert d.shape == i.shape == (37, k)
+        # the rows found are the k nearest, to float32 rounding of near-ties; the distances are theirs
+        assert torch.allclose(full.gather(1, i), want[:, :k], atol=2e-3)
+        assert torch.allclose(d.double(), full.gather(1, i), atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # AMP (CUDA training) must not rank in half precision
+            da, ia = nearest(query, bank, k=k, chunk=chunk)
+        assert torch.equal(ia, i) and da.dtype == torch.float32
 
 
 class RecordingBar:

@@ -284,9 +284,8 @@ def test_resume_across_a_change_of_train_ema_keeps_the_work(ok_dir, tmp_path):
 
 
 def test_resume_of_a_run_made_before_a_key_existed_says_so(ok_dir, tmp_path):
-    """A last.pt whose stored config lacks keys of today's (an older toolkit made it: e.g. before
-    train.augment.vflip split the flips, when the evidence bank held no mirror images) resumes, with one line that
-    names them."""
+    """A last.pt whose stored config lacks keys of today's (an older toolkit made it, e.g. before train.augment.vflip
+    split the flips) resumes, with one line that names them: its remaining epochs follow today's values."""
     train(tiny_config(ok_dir, tmp_path, epochs=1), log=lambda m: None)
     ckpt = load_checkpoint(tmp_path / "last.pt")
     del ckpt["config"]["train"]["augment"]["vflip"]

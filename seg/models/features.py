@@ -140,10 +140,13 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 10
     sq = (bank * bank).sum(1)[None]
 
     def one(q):
-        # |q - b|^2 up to the row's constant |q|^2: one matrix product, no square root; argmin when k is 1
-        s = torch.addmm(sq, q, bank.T, alpha=-2)
-        i = s.argmin(1, keepdim=True) if k == 1 else s.topk(k, dim=1, largest=False)[1]
-        return torch.linalg.vector_norm(q[:, None, :] - bank[i], dim=-1), i
+        # |q - b|^2 up to the row's constant |q|^2: one matrix product, no square root; argmin when k is 1. In the
+        # bank's precision even under autocast (CUDA training's AMP would rank in float16: wrong rows)
+        with torch.autocast(q.device.type, enabled=False):
+            q = q.to(bank.dtype)
+            s = torch.addmm(sq, q, bank.T, alpha=-2)
+            i = s.argmin(1, keepdim=True) if k == 1 else s.topk(k, dim=1, largest=False)[1]
+            return torch.linalg.vector_norm(q[:, None, :] - bank[i], dim=-1), i
 
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return one(query)
