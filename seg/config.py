@@ -163,6 +163,14 @@ def _check(value, default, key: str, where: str):
     return value
 
 
+def dotted_keys(cfg: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested config's leaves (`train.augment.vflip`), as `-s` names them."""
+    out = []
+    for k, v in cfg.items():
+        out += dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
 def set_key(cfg: dict, dotted: str, value) -> None:
     node = cfg
     parts = dotted.split(".")

@@ -37,7 +37,7 @@ from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
 from synth.streams import NORMAL, VALIDATION, stream
 from core.io import InputError, atomic_write_bytes, write_json
 
-from .config import ok_pools
+from .config import dotted_keys, ok_pools
 from .curriculum import CurriculumSchedule
 from .data import LabelledFolder, SeededAugment, SynthFolderDataset, adopt_synth_folder, build_augment, \
     check_split
@@ -165,14 +165,6 @@ def plot_curves(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _keys(cfg: dict, prefix: str = "") -> list[str]:
-    """The dotted keys of a nested config (`train.augment.vflip`)."""
-    out = []
-    for k, v in cfg.items():
-        out += _keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
-    return out
-
-
 class Trainer:
     """Holds everything one training run needs; `fit()` runs it."""
 
@@ -289,7 +281,8 @@ class Trainer:
     def resume(self) -> None:
         path = self.out / "last.pt"
         ckpt = load_checkpoint(path)
-        theirs, ours = ckpt.get("config", {}).get("model", {}), self.cfg["model"]
+        stored = ckpt.get("config", {})
+        theirs, ours = stored.get("model", {}), self.cfg["model"]
         differ = [k for k in ours if k in theirs and theirs[k] != ours[k]]  # keys both know: another model
 
         def another(what: str) -> InputError:
@@ -317,7 +310,7 @@ class Trainer:
         self.rows, self.best, self.best_epoch, self.stale = ckpt["rows"], ckpt["best"], ckpt["best_epoch"], \
             ckpt["stale"]
         self.start_epoch = ckpt["epoch"] + 1
-        newer = sorted(set(_keys(self.cfg)) - set(_keys(ckpt.get("config", {}))))
+        newer = sorted(set(dotted_keys(self.cfg)) - set(dotted_keys(stored)))
         if newer:  # an older toolkit made it: those settings did not exist then, today's defaults fill them in
             self.log(f"{path} has no settings {', '.join(newer[:6])}{' ...' if len(newer) > 6 else ''} (an older "
                      "version made it): the remaining epochs use today's values for them")
