@@ -452,6 +452,9 @@ def ensemble_predict(
     image_threshold: Optional[float] = typer.Option(None, help="Image-level threshold."),
     min_area: Optional[int] = typer.Option(None, help="Drop components under this many pixels."),
     opening: Optional[int] = typer.Option(None, help="Morphological opening kernel (px), 0 = off."),
+    peak_frac: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="A flagged mask's components cut to "
+                                              "the pixels this share of the way from the pixel threshold to their "
+                                              "peak; 0 = off (default: the model's, predict.peak_frac, 0.5)."),
     roi: Optional[str] = typer.Option(None, help="Region of interest: a mask image applied to every image, or "
                                       "'auto' (each image's bright part). Default: predict.roi of the config."),
     zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
@@ -469,7 +472,7 @@ def ensemble_predict(
 
     with user_errors():
         overrides = {"threshold": threshold, "image_threshold": image_threshold, "min_area": min_area,
-                     "opening": opening, "window": window}
+                     "opening": opening, "window": window, "peak_frac": peak_frac}
         if backend == "onnx":
             ens, p = onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, overrides)
         elif backend == "torch":
@@ -498,6 +501,9 @@ def ensemble_calibrate(
     shape: Optional[bool] = typer.Option(None, "--shape/--no-shape", help="Trim each flagged mask to where every "
                                          "model agrees, each at its own calibrated threshold (default: "
                                          "calibrate.shape of the first model, on)."),
+    peak_frac: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Cut each flagged mask's components "
+                                              "at this share of their height above the pixel threshold, 0 = off "
+                                              "(default: predict.peak_frac of the first model, 0.5)."),
     data: Optional[Path] = DataOpt,
     device: str = typer.Option("auto"),
 ):
@@ -512,7 +518,8 @@ def ensemble_calibrate(
     from core.io import read_image, write_json
 
     with user_errors():
-        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {}, device, calibrating=True)
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {"peak_frac": peak_frac},
+                                device, calibrating=True)
         cfg = load_model_file(ens.paths[0])["config"]
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
@@ -588,7 +595,8 @@ def baseline_predict(
     """Same outputs as `ensemble predict` (the same code path), from a baseline's anomaly maps."""
     ensemble_predict(out=out, checkpoint=model, ensemble_file=ensemble_file, images=images, part=part, data=data,
                      tta="none", merge=None, vote_k=None, weight=None, threshold=threshold,
-                     image_threshold=image_threshold, min_area=min_area, opening=None, roi=None, zip_prefix=None,
+                     image_threshold=image_threshold, min_area=min_area, opening=None, peak_frac=None, roi=None,
+                     zip_prefix=None,
                      overlays="defective", window=None, device=device, backend="torch")
 
 

@@ -54,6 +54,32 @@ def decide(mask: np.ndarray, amap: np.ndarray, image: float | None, image_thresh
     return bool(mask.any()) and evidence(mask, amap, image) >= image_threshold
 
 
+def peak_cut(labels: np.ndarray, n: int, amap: np.ndarray, threshold: float, frac: float) -> np.ndarray:
+    """The pixels of labelled components (`labels` 1..n-1, 0 = background) at least `frac` of the way from their
+    base to their peak: base = the threshold, or the component's lowest value where a vote's hits lie below it.
+    NaN pixels are ignored; a component without a finite height is kept whole. Boolean, the labels' shape."""
+    flat, vals = labels.ravel(), amap.ravel().astype(np.float64)
+    peak, low = np.full(n, -np.inf), np.full(n, np.inf)
+    np.fmax.at(peak, flat, vals)
+    np.fmin.at(low, flat, vals)
+    with np.errstate(invalid="ignore"):
+        floor = np.minimum(threshold, low) + frac * (peak - np.minimum(threshold, low))
+        floor = np.where(np.isfinite(floor), np.minimum(floor, peak), -np.inf)
+        return (labels > 0) & ((amap >= floor[labels]) | (floor[labels] == -np.inf))
+
+
+def to_peak(mask: np.ndarray, amap: np.ndarray, threshold: float, frac: float) -> np.ndarray:
+    """Each connected component of `mask` cut to the pixels at least `frac` of the way from the pixel threshold to
+    the component's peak (0: the mask as it is; 0.5: the component at half its height above the threshold). A
+    threshold that must catch faint defects draws a strong defect's broad halo of evidence (a feature distance
+    spreads over the backbone's receptive field) into its mask; a cut relative to each component's own peak does
+    not depend on how strong the defect is. The peak pixel always stays, so no component is lost (`peak_cut`)."""
+    if not frac or not mask.any():
+        return mask
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return peak_cut(labels, n, amap, threshold, frac).astype(np.uint8)
+
+
 def agreement(per_model: np.ndarray | None, shape) -> np.ndarray | None:
     """Where every model of an ensemble passes its own calibrated pixel threshold (`shape`: one per model, on the
     ensemble's scale, see `ensemble.calibrate.member_thresholds`), as uint8 {0,1}; None without `shape`."""
@@ -79,9 +105,10 @@ def shaped(mask: np.ndarray, gate: np.ndarray | None, min_area: int) -> np.ndarr
 
 def final_mask(amap: np.ndarray, image: float | None, p: dict, roi: np.ndarray | None = None,
                hits: np.ndarray | None = None, gate: np.ndarray | None = None) -> np.ndarray:
-    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees); `gate`: an
-    ensemble's `agreement`, which shapes the mask of a flagged image (`shaped`) and never changes the decision."""
+    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees). A flagged
+    image's mask is then cut towards each component's peak (`to_peak`, `p["peak_frac"]`, absent: 0) and, with an
+    ensemble's `agreement` (`gate`), trimmed to where its models agree (`shaped`); neither changes the decision."""
     mask = postprocess(amap, p["threshold"], p["min_area"], p["opening"], roi, hits)
     if not decide(mask, amap, image, p["image_threshold"]):
         return np.zeros_like(mask)
-    return shaped(mask, gate, p["min_area"])
+    return shaped(to_peak(mask, amap, p["threshold"], p.get("peak_frac", 0.0)), gate, p["min_area"])

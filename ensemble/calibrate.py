@@ -27,7 +27,7 @@ import torch
 from core.io import write_png
 from core.progress import task
 from core.modelfile import load_model_file, set_calibration
-from core.postprocess import agreement, decide, evidence, postprocess, shaped
+from core.postprocess import agreement, decide, evidence, peak_cut, postprocess, shaped, to_peak
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -134,12 +134,13 @@ def _pool(maps: list[np.ndarray], masks: list[np.ndarray] | None, inside: bool, 
 class _Components:
     """One image's post-processed mask at a pixel threshold, before `min_area`: its connected components with
     their sizes, the peak of the map in each and (with ground truth) their overlap with it, so every `min_area`
-    of the search is a cheap selection instead of another pass of `postprocess`. With an ensemble's agreement
-    (`gate`, see `core.postprocess.shaped`), also the components of the mask cut to it, each with its parent
-    component: the IoU is then that of the shaped mask, as `final_mask` makes it."""
+    of the search is a cheap selection instead of another pass of `postprocess`. The overlap is that of each
+    component cut towards its peak (`peak_frac`, see `core.postprocess.to_peak`), as a flagged mask is. With an
+    ensemble's agreement (`gate`, see `core.postprocess.shaped`), also the components of that mask cut to it, each
+    with its parent component: the IoU is then that of the shaped mask, as `final_mask` makes it."""
 
     def __init__(self, r: dict, hits: np.ndarray, opening: int, roi, gt: np.ndarray | None,
-                 gate: np.ndarray | None = None):
+                 gate: np.ndarray | None = None, thr: float = 0.0, peak_frac: float = 0.0):
         mask = postprocess(r["map"], 0.0, 0, opening, roi, hits)
         self.head = r["image"]
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -151,10 +152,13 @@ class _Components:
         self.inter = self.cut = None
         if gt is not None:
             g = gt.ravel() > 0
-            self.inter = np.bincount(flat, weights=g, minlength=n)[1:]
+            body = (peak_cut(labels, n, r["map"], thr, peak_frac) if peak_frac else labels > 0).ravel()
+            self.body = np.bincount(flat[body], minlength=n)[1:]  # each component's size after the cut
+            self.inter = np.bincount(flat[body], weights=g[body], minlength=n)[1:]
             self.gt_area = float(g.sum())
             if gate is not None:  # a cut component lies inside one component of the mask: its parent
-                m, cut_labels, cut_stats, _ = cv2.connectedComponentsWithStats(mask & gate, connectivity=8)
+                cut_mask = (body.reshape(mask.shape) & (gate > 0)).astype(np.uint8)
+                m, cut_labels, cut_stats, _ = cv2.connectedComponentsWithStats(cut_mask, connectivity=8)
                 parent = np.zeros(m, np.int64)
                 parent[cut_labels.ravel()] = flat
                 self.cut = (cut_stats[1:, cv2.CC_STAT_AREA].astype(np.int64), parent[1:] - 1,
@@ -167,7 +171,7 @@ class _Components:
         ev = float(self.head) if self.head is not None else (float(self.peaks[keep].max()) if nonempty else -np.inf)
         if self.inter is None:
             return nonempty, ev, None
-        inter, size = float(self.inter[keep].sum()), float(self.sizes[keep].sum())
+        inter, size = float(self.inter[keep].sum()), float(self.body[keep].sum())
         if self.cut is not None:
             sizes, parent, cut_inter = self.cut
             kept = keep[parent] & (sizes >= area if area > 1 else True)
@@ -177,12 +181,14 @@ class _Components:
         return nonempty, ev, (inter / union if union else 1.0)
 
 
-def _sweep_areas(results, rehit: Callable, thr: float, opening: int, rois=None, gt=None, gates=None):
+def _sweep_areas(results, rehit: Callable, thr: float, opening: int, rois=None, gt=None, gates=None,
+                 peak_frac: float = 0.0):
     """For every `min_area` of the grid: (non-empty flags, evidences, IoUs or None) at pixel threshold `thr`."""
     rois = rois if rois is not None else [None] * len(results)
     gts = gt if gt is not None else [None] * len(results)
     gates = gates if gates is not None else [None] * len(results)
-    comps = [_Components(r, rehit(r, thr), opening, roi, g, a) for r, roi, g, a in zip(results, rois, gts, gates)]
+    comps = [_Components(r, rehit(r, thr), opening, roi, g, a, thr, peak_frac)
+             for r, roi, g, a in zip(results, rois, gts, gates)]
     out = {}
     for area in MIN_AREAS:
         sel = [c.select(area) for c in comps]
@@ -214,7 +220,10 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
     `balance_sizes`: escape is the mean of the escapes of small, medium and large synthetic defects, so the choice
     does not lean on the synthesis' size mix (which need not be the real one: e.g. a min_area that only large
     synthetic defects survive). `gates`: the synthetic defects' agreement masks, when the ensemble shapes its masks
-    (their mIoU is then the shaped masks')."""
+    (their mIoU is then the shaped masks'). The masks are scored before the cut towards each component's peak
+    (`predict.peak_frac`, `core.postprocess.to_peak`): synthetic defects cannot judge it (a segmenter trained on
+    them outlines them sharply at any strength), and scored on them the cut would only pull the pixel threshold
+    down to undo itself. Labelled real crops judge it (`best_on_labelled`)."""
     normal_pix = _pool([r["map"] for r in normal], None, True)
     defect_pix = _pool([r["map"] for r in synthetic], synthetic_gt, True)
     bins = size_bins(synthetic_gt)
@@ -243,10 +252,12 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
 
 def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
                      rois: list | None = None, extra_thresholds: Sequence[float] = (),
-                     gates: list | None = None) -> dict:
+                     gates: list | None = None, peak_frac: float = 0.0) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
     themselves for the oracle that measures calibration loss: then it reports, it chooses nothing). `gates`: each
-    image's agreement mask when the ensemble shapes its masks (`core.postprocess.shaped`)."""
+    image's agreement mask when the ensemble shapes its masks (`core.postprocess.shaped`). `peak_frac`: the masks
+    scored are cut towards each component's peak (`core.postprocess.to_peak`), as prediction cuts them (fixed, not
+    searched)."""
     labels = np.array([g.any() for g in gt])
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
     maps = [r["map"] for r in results]
@@ -254,7 +265,7 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
                             np.asarray(extra_thresholds, np.float64)])
     best = None
     for thr in cands:
-        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt, gates)
+        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt, gates, peak_frac)
         for area in MIN_AREAS:
             nonempty, ev, ious = sweeps[area]
             for tau in np.unique(np.r_[FLAG_ALL, ev[nonempty]]):
@@ -327,6 +338,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     norms, on_normal = predict_normal(ens, normal)  # one pass: the normalisers, then the crops with them
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
     params["roi"] = roi = defaults.get("roi")
+    params["peak_frac"] = defaults.get("peak_frac", 0.0)  # absent from an older file's config: no cut
     params["shape"] = member_thresholds(ens, norms) if shape else None
     if shape and params["shape"] is None and len(ens.models) > 1 and warn:
         warn("masks not trimmed to where the models agree: a model file carries no calibration of its own "
@@ -339,7 +351,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         images, gt = labelled
         results = predict_shown(ens, images, "labelled crops")
         best = best_on_labelled(results, list(gt), ens.rehit, params["opening"], rois_for(images, roi),
-                                gates=gates(results))
+                                gates=gates(results), peak_frac=params["peak_frac"])
         mode = "labelled"
     else:
         if synthetic is None or not len(synthetic[0]):
@@ -438,7 +450,8 @@ def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, fl
                        rehit(r, params["threshold"]))
     ev, flagged = evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
     if flagged:
-        mask = shaped(mask, agreement(r.get("per_model"), params.get("shape")), params["min_area"])
+        mask = shaped(to_peak(mask, r["map"], params["threshold"], params.get("peak_frac", 0.0)),
+                      agreement(r.get("per_model"), params.get("shape")), params["min_area"])
     return mask, ev, flagged
 
 

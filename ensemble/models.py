@@ -355,6 +355,9 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
         warn(f"{len(paths)} models without an ensemble.json: each map is standardised by its own file's "
              "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
     p.update(spec.get("params", {}))
+    source = spec.get("params") if spec else (cal["params"] if cal and len(paths) == 1 else None)
+    if source is not None and "peak_frac" not in source:  # calibrated before the cut existed: predict as then
+        p["peak_frac"] = 0.0
     for key in ("tta", "merge", "vote_k", "weights"):
         if key in spec:
             p[key] = spec[key]

@@ -49,6 +49,7 @@ DEFAULTS: dict = {
         "tta": "flip", "threshold": 0.0, "image_threshold": 0.0, "min_area": 10, "opening": 0,
         "merge": "mean", "vote_k": None, "weights": None, "tile_overlap": 32, "batch_size": 32, "roi": None,
         "window": 0,  # whole-image windows: measured slower than tiles on a 2-core CPU (README)
+        "peak_frac": 0.5,  # a flagged mask's components cut at half their height above the threshold (README)
     },
     # operating point chosen from OK images only: real normal crops of the held-out OK images fix the image
     # threshold at `target_overkill`; synthetic defects on those images fix the pixel threshold and min_area
@@ -84,8 +85,9 @@ POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch
 NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.aux_loss_weight",
                 "train.jobs", "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs",
                 "predict.min_area", "predict.opening", "predict.tile_overlap", "predict.window")
-UNIT = ("data.holdout", "train.ema", "calibrate.target_overkill", "model.coreset_ratio", "baseline.coreset_ratio",
-        "train.curriculum.start", "train.curriculum.end", *(f"train.augment.{k}" for k in DEFAULTS["train"]["augment"]))
+UNIT = ("data.holdout", "train.ema", "calibrate.target_overkill", "predict.peak_frac", "model.coreset_ratio",
+        "baseline.coreset_ratio", "train.curriculum.start", "train.curriculum.end",
+        *(f"train.augment.{k}" for k in DEFAULTS["train"]["augment"]))
 EXISTING = ("data.ok_dir", "data.test_dir", "train.val_dir", "train.synth_dir")
 
 

@@ -571,31 +571,80 @@ def test_a_flagged_mask_is_trimmed_to_where_the_models_agree_and_kept_where_only
 
 def test_the_search_scores_trimmed_masks_exactly_as_final_mask_makes_them():
     """`best_on_labelled` and the calibration search take IoUs from connected components (`_Components`): with an
-    agreement mask they must equal the IoU of what `final_mask` writes, at every threshold and min_area."""
+    agreement mask and with the cut towards each component's peak (`peak_frac`), alone and together, they must
+    equal the IoU of what `final_mask` writes, at every threshold and min_area."""
     from core.metrics import iou
     from core.postprocess import agreement
     from ensemble.calibrate import FLAG_ALL, MIN_AREAS, _Components
 
     rng = np.random.default_rng(0)
-    checked = 0
+    checked, cut_moved = 0, 0
     for i in range(6):
         per_model = np.stack([cv2.GaussianBlur(rng.normal(size=(64, 64)).astype(np.float32), (0, 0), 3) * 8
                               for _ in range(2)])
         gt = np.zeros((64, 64), np.uint8)
         cv2.circle(gt, (int(rng.integers(16, 48)), int(rng.integers(16, 48))), 8, 1, -1)
-        gate = agreement(per_model, [0.2, 0.5])
         amap = per_model.mean(0)
-        for thr in (-0.5, 0.0, 0.5, 1.0):
-            comps = _Components({"map": amap, "image": None}, (amap >= thr).astype(np.uint8), 0, None, gt, gate)
-            for area in MIN_AREAS:
-                nonempty, _, fast = comps.select(area)
-                p = {"threshold": thr, "image_threshold": FLAG_ALL, "min_area": area, "opening": 0}
-                slow = final_mask(amap, None, p, gate=gate)
-                assert nonempty == slow.any()
-                if nonempty:
-                    assert fast == pytest.approx(iou(slow, gt)), (i, thr, area)
-                    checked += 1
-    assert checked > 50
+        for gate in (agreement(per_model, [0.2, 0.5]), None):
+            for frac in (0.0, 0.5):
+                for thr in (-0.5, 0.0, 0.5, 1.0):
+                    comps = _Components({"map": amap, "image": None}, (amap >= thr).astype(np.uint8), 0, None, gt,
+                                        gate, thr, frac)
+                    for area in MIN_AREAS:
+                        nonempty, _, fast = comps.select(area)
+                        p = {"threshold": thr, "image_threshold": FLAG_ALL, "min_area": area, "opening": 0,
+                             "peak_frac": frac}
+                        slow = final_mask(amap, None, p, gate=gate)
+                        assert nonempty == slow.any()
+                        if nonempty:
+                            assert fast == pytest.approx(iou(slow, gt)), (i, thr, area, frac, gate is None)
+                            checked += 1
+                            uncut = final_mask(amap, None, {**p, "peak_frac": 0.0}, gate=gate)
+                            cut_moved += int(frac > 0 and slow.sum() < uncut.sum())
+    assert checked > 200 and cut_moved > 50
+
+
+def test_the_cut_towards_the_peak_takes_a_strong_defects_halo_off_its_mask():
+    """Two blurred squares of 16 x 16 px, one faint, one four times stronger, and a threshold at the faint one's half
+    height: the strong one's mask swells with its halo; cut at half its height above the threshold, it comes back
+    near its true outline, and the faint one keeps most of itself."""
+    from core.metrics import iou
+    from core.postprocess import to_peak
+
+    truth = np.zeros((96, 96), np.float32)
+    truth[20:36, 20:36] = 1.0
+    truth[60:76, 60:76] = 4.0
+    amap = cv2.GaussianBlur(truth, (0, 0), 3) - 0.5  # background -0.5; threshold 0: the faint one's half height
+    mask = (amap >= 0).astype(np.uint8)
+    cut = to_peak(mask, amap, 0.0, 0.5)
+    faint, strong = (slice(0, 48), slice(0, 48)), (slice(48, 96), slice(48, 96))
+    gt = (truth > 0).astype(np.uint8)
+    assert iou(mask[strong], gt[strong]) < 0.6 and iou(cut[strong], gt[strong]) > 0.7  # 0.57 -> 0.78
+    assert cut[faint].sum() > 0.5 * mask[faint].sum()
+    assert not (cut & ~mask.astype(bool)).any()  # a cut only removes pixels
+    assert np.array_equal(to_peak(mask, amap, 0.0, 0.0), mask)
+    for region in (faint, strong):  # each component keeps its peak pixel
+        sub = amap[region]
+        y, x = np.unravel_index(np.argmax(sub), sub.shape)
+        assert cut[region][y, x] == 1
+
+
+def test_the_cut_keeps_every_component_of_a_vote_and_ignores_nan():
+    """A k-of-n vote's hits can lie far below the pixel threshold on the mean map: the cut then measures the height
+    from the component's lowest value, so it keeps a part of the component around its peak, not one pixel; NaN
+    pixels are dropped without taking their component's peak with them."""
+    from core.postprocess import to_peak
+
+    yy, xx = np.mgrid[:32, :32]
+    amap = (-4.0 + 3.0 * np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 60.0)).astype(np.float32)  # peaks at -1
+    hits = np.zeros((32, 32), np.uint8)
+    hits[8:25, 8:25] = 1  # a vote's component, every pixel under the threshold 0 of the mean map
+    cut = to_peak(hits, amap, 0.0, 0.5)
+    assert cut[16, 16] == 1 and 20 < cut.sum() < hits.sum()
+    amap[16, 17] = np.nan  # inside the component
+    cut = to_peak(hits, amap, 0.0, 0.5)
+    assert cut[16, 16] == 1 and cut[16, 17] == 0 and cut.sum() > 20
+    assert to_peak(hits, amap, -np.inf, 0.5).sum() >= 1  # a threshold of -inf: no NaN floor, the mask is kept
 
 
 def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale():

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import cli
 import baseline  # noqa: F401  (registers padim, patchcore, ssim_ae)
-from core.io import InputError, find_images, read_image
+from core.io import InputError, find_images, read_image, write_json
+from core.modelfile import load_model_file
 from ensemble.export import OnnxEnsemble, export_onnx
 from core.postprocess import final_mask
 from ensemble.models import Ensemble, build_ensemble
@@ -136,6 +137,12 @@ def test_cli_export_and_onnx_backend_write_the_same_submission(tmp_path):
     # backend's mask must lie between PyTorch's final masks at the thresholds moved by 1e-4 up and down (both
     # thresholds and the post-processing are monotone in them).
     ens, params = build_ensemble([str(tmp_path / "pc.pt")], None, None, None, None, None, {}, "cpu")
+    assert params["peak_frac"] == 0.5  # the default cut, calibrated with it and carried by the file
+    cal = load_model_file(tmp_path / "pc.pt")["calibration"]
+    old = {"checkpoints": [str(tmp_path / "pc.pt")], "tta": cal["tta"], "norms": [cal["norm"]],
+           "params": {k: v for k, v in cal["params"].items() if k != "peak_frac"}}
+    write_json(tmp_path / "old.json", old)  # an ensemble.json calibrated before the cut: predicts as it was
+    assert build_ensemble(None, str(tmp_path / "old.json"), None, None, None, None, {}, "cpu")[1]["peak_frac"] == 0
     shifted = [{**params, "threshold": params["threshold"] + d, "image_threshold": params["image_threshold"] + d}
                for d in (1e-4, -1e-4)]
     slack, defective = 0, 0
