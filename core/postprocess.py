@@ -103,12 +103,18 @@ def shaped(mask: np.ndarray, gate: np.ndarray | None, min_area: int) -> np.ndarr
     return cut if cut.any() else mask
 
 
+def flagged_outline(mask: np.ndarray, amap: np.ndarray, p: dict, gate: np.ndarray | None = None) -> np.ndarray:
+    """What the post-processed mask of a crop judged defective becomes: cut towards each component's peak
+    (`to_peak`, `p["peak_frac"]`, absent: 0), then, with an ensemble's `agreement` (`gate`), trimmed to where its
+    models agree (`shaped`). Neither changes the decision."""
+    return shaped(to_peak(mask, amap, p["threshold"], p.get("peak_frac", 0.0)), gate, p["min_area"])
+
+
 def final_mask(amap: np.ndarray, image: float | None, p: dict, roi: np.ndarray | None = None,
                hits: np.ndarray | None = None, gate: np.ndarray | None = None) -> np.ndarray:
-    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees). A flagged
-    image's mask is then cut towards each component's peak (`to_peak`, `p["peak_frac"]`, absent: 0) and, with an
-    ensemble's `agreement` (`gate`), trimmed to where its models agree (`shaped`); neither changes the decision."""
+    """Post-processed mask, emptied when the image is judged normal (what the submission writer sees), else outlined
+    by `flagged_outline` (`gate`: an ensemble's `agreement`)."""
     mask = postprocess(amap, p["threshold"], p["min_area"], p["opening"], roi, hits)
     if not decide(mask, amap, image, p["image_threshold"]):
         return np.zeros_like(mask)
-    return shaped(to_peak(mask, amap, p["threshold"], p.get("peak_frac", 0.0)), gate, p["min_area"])
+    return flagged_outline(mask, amap, p, gate)

@@ -27,7 +27,7 @@ import torch
 from core.io import write_png
 from core.progress import task
 from core.modelfile import load_model_file, set_calibration
-from core.postprocess import agreement, decide, evidence, peak_cut, postprocess, shaped, to_peak
+from core.postprocess import agreement, decide, evidence, flagged_outline, peak_cut, postprocess
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -450,8 +450,7 @@ def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, fl
                        rehit(r, params["threshold"]))
     ev, flagged = evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
     if flagged:
-        mask = shaped(to_peak(mask, r["map"], params["threshold"], params.get("peak_frac", 0.0)),
-                      agreement(r.get("per_model"), params.get("shape")), params["min_area"])
+        mask = flagged_outline(mask, r["map"], params, agreement(r.get("per_model"), params.get("shape")))
     return mask, ev, flagged
 
 
