@@ -26,7 +26,8 @@ def _padim(a: ModelArgs) -> Padim:
 
 @register_arch("patchcore")
 def _patchcore(a: ModelArgs) -> PatchCore:
-    return PatchCore(a.backbone, _extractor_weights(a), a.coreset_ratio, seed=a.seed, bank_flip=a.bank_flip)
+    return PatchCore(a.backbone, _extractor_weights(a), a.coreset_ratio, seed=a.seed, bank_flip=a.bank_flip,
+                     zoom=a.zoom)
 
 
 @register_arch("ssim_ae")

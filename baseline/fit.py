@@ -37,7 +37,8 @@ def baseline_config(cfg: dict, method: str) -> dict:
     backbone = b["backbone"] if b["backbone"].startswith("tu-") else "tu-" + b["backbone"]
     cfg["model"].update(arch=method, encoder=backbone, weights=b["weights"], coreset_ratio=b["coreset_ratio"],
                         bank_flip=b["bank_flip"], normal_crops=b["n_train"], padim_dims=b["padim_dims"],
-                        ae_latent=b["ae_latent"], ae_width=b["ae_width"], in_channels=cfg["synth"]["channels"])
+                        ae_latent=b["ae_latent"], ae_width=b["ae_width"], in_channels=cfg["synth"]["channels"],
+                        zoom=b["zoom"] if method == "patchcore" else 1.0)  # PatchCore's alone
     t = cfg["train"]
     t.update(seed=b["seed"], seeds=1, ema=0.0, synth_dir=None, early_stopping=0, epochs=1)
     if method == "ssim_ae":  # its own term is all its loss; its crops flipped at random, nothing else (Bergmann)

@@ -15,23 +15,33 @@ class PatchCore(FrozenFeatures, MemoryModel):
     sized_buffers = ("bank",)  # its size: what fitting chose
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "lite", coreset_ratio: float = 0.05,
-                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0, bank_flip: bool = True):
+                 bank_size: int = 1, neighbours: int = 3, seed: int = 0, sigma: float = 4.0, bank_flip: bool = True,
+                 zoom: float = 1.0):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
         `encoder`, as for every registered model, and this is `none`). bank_flip: fit the bank on the OK crops and
-        their mirror images (left-right), the view that flip TTA shows it."""
+        their mirror images (left-right), the view that flip TTA shows it. zoom: each crop resized (bilinear) by
+        this factor before the backbone, so a patch covers 1/zoom of the pixels it covers at 1 (a 128 px crop at 2
+        is 256 px, the input size of the paper's backbones): finer maps for thin and small defects, about
+        zoom**2 the features to fit and search (pair it with coreset_ratio / zoom**2 for a bank of the same size).
+        The map is smoothed by sigma / zoom at the crop's size and always comes back at the crop's size."""
         super().__init__()
         self.extractor = FeatureExtractor(backbone, weights, (2, 3), keys=("model.encoder", "model.weights"))
         self.encoder = self.extractor
         dim = sum(self.extractor.channels)
         self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma
-        self.bank_flip = bank_flip
+        self.bank_flip, self.zoom = bank_flip, float(zoom)
+        if not self.zoom > 0:
+            raise ValueError(f"zoom must be positive, got {zoom!r}")
         self.register_buffer("bank", torch.zeros(bank_size, dim))
         self.register_buffer("image_center", torch.tensor(0.0))
         self.register_buffer("image_scale", torch.tensor(1.0))
         self.radius = float("nan")  # the coreset's covering radius, after `fit`
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D, h, w) locally aware patch features at the stride of the first layer."""
+        """(B, C, H, W) -> (B, D, h, w) locally aware patch features at the stride of the first layer (of the crop
+        resized by `zoom`)."""
+        if self.zoom != 1:
+            x = F.interpolate(x, scale_factor=self.zoom, mode="bilinear", align_corners=False)
         return local_patch_features(self.extractor(x))
 
     @torch.no_grad()
@@ -59,7 +69,7 @@ class PatchCore(FrozenFeatures, MemoryModel):
         d_nb = torch.linalg.norm(self.bank[nb] - m_test[:, None], dim=-1)  # m* itself is its own nearest
         weight = 1 - torch.softmax(d_nb, 1)[:, 0]
         maps = F.interpolate(patch.view(b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return gaussian_blur(maps, self.sigma), weight * s_star
+        return gaussian_blur(maps, self.sigma / self.zoom), weight * s_star
 
     fully_convolutional = True  # nearest-patch distances: any input size
 

@@ -456,6 +456,22 @@ def test_bench_overrides_reach_every_model_after_its_own_settings(tmp_path, benc
     assert fit.index("baseline.n_train=300") < fit.index("baseline.n_train=900")
 
 
+def test_bench_fits_patchcore_zoomed_as_its_own_file_and_only_on_request(tmp_path, bench_steps):
+    """`--methods patchcore_zoom`: `baseline fit --method patchcore` with zoom 2 and a quarter of the coreset
+    ratio, into a file of its own beside PatchCore's (which keeps its settings); not in the default rows."""
+    bench, calls = bench_steps
+    assert "patchcore_zoom" in bench.METHODS and "patchcore_zoom" not in bench.DEFAULT_METHODS
+    with pytest.raises(StopBench):
+        bench.run_set("x-p1", str(tmp_path), 1, tmp_path / "out", dict(bench.FULL), ("patchcore", "patchcore_zoom"),
+                      False, print, overrides=("baseline.seed=1",))
+    sets = [[c[i + 1] for i, x in enumerate(c) if x == "-s"] for c in calls]
+    outs = [Path(c[c.index("-o") + 1]).name for c in calls]
+    assert [c[:4] for c in calls] == [["baseline", "fit", "--method", "patchcore"]] * 2
+    assert outs == ["patchcore.pt", "patchcore_zoom.pt"]
+    assert not any("zoom" in s for s in sets[0])
+    assert sets[1][-3:] == ["baseline.zoom=2", "baseline.coreset_ratio=0.0125", "baseline.seed=1"]
+
+
 def test_bench_never_resumes_what_another_run_left_and_restarts_what_cannot_resume(tmp_path, bench_steps,
                                                                                      monkeypatch):
     """A step run afresh starts from nothing (a stale last.pt of another run would be resumed later); a step that

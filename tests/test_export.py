@@ -104,6 +104,26 @@ def test_the_fixed_size_baselines_export_too(ok_dir, tmp_path, method, atol):
     assert torch.allclose(maps, omaps, atol=atol), float((maps - omaps).abs().max())
 
 
+def test_patchcore_zoomed_exports_too(ok_dir, tmp_path):
+    """PatchCore with `zoom` 2 (the crop resized before the backbone, the map back at the crop's size) exports
+    with flip TTA and gives the PyTorch maps, which differ from the unzoomed model's."""
+    torch.manual_seed(0)
+    pool = SourcePool(ok_dir)
+    normal, held = crops_tensor(pool.random_crops(16, 0)), crops_tensor(pool.random_crops(8, 1))
+    x = crops_tensor(crops_with_pits(4))
+    maps = {}
+    for zoom in (1, 2):
+        pc = create_model("patchcore", "tu-tf_efficientnet_lite0", "lite", 1, coreset_ratio=0.1 / zoom**2, zoom=zoom)
+        pc.fit_normal(normal, held)
+        ens = Ensemble([pc], 1, 128, "cpu", "flip", threshold=PARAMS["threshold"])
+        maps[zoom], _ = ens.forward(x)
+    export_onnx(ens, PARAMS, tmp_path / "z.onnx")
+    omaps, _ = OnnxEnsemble(tmp_path / "z.onnx").forward(x)
+    assert omaps.shape == maps[2].shape == (1, 4, 128, 128) and maps[2].std() > 0.1
+    assert torch.allclose(maps[2], omaps, atol=1e-4), float((maps[2] - omaps).abs().max())
+    assert (maps[2] - maps[1]).abs().max() > 0.1
+
+
 def pixels(mask: np.ndarray) -> set:
     return {f"{r}, {c}" for r, c in zip(*np.nonzero(mask))}
 

@@ -115,6 +115,7 @@ class ModelArgs:
     ae_width: int = 16
     seed: int = 0  # random choices inside a model (padim's channels, a coreset's start)
     bank_flip: bool = True  # patchcore, evidence_unet: the normal bank also holds the OK crops' mirror images
+    zoom: float = 1.0  # patchcore: each crop resized by this factor before the backbone
 
     @property
     def backbone(self) -> str:
@@ -173,7 +174,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
                  in_channels: int = 1, decoder_channels: Sequence[int] = (128, 64, 32, 16, 8),
                  image_head: bool = True, deep_supervision: bool = True, cgm: bool = True,
                  coreset_ratio: float = 0.1, size: int = 128, padim_dims: int = 100, ae_latent: int = 100,
-                 ae_width: int = 16, seed: int = 0, bank_flip: bool = True) -> Segmenter:
+                 ae_width: int = 16, seed: int = 0, bank_flip: bool = True, zoom: float = 1.0) -> Segmenter:
     """Build a segmenter.
 
     arch: `unet` (smp Unet), `unet3plus` (UNet 3+, per-scale width `decoder_channels[0] // 4`; deep supervision
@@ -184,7 +185,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     or `realnet` (feature reconstruction and residual segmentation on the frozen stride-4/8/16 features of `encoder`,
     see `seg.models.realnet`; `decoder_channels[0] // 2` hidden units; `fit_normal` before training), or a baseline
     registered by `baseline`: `padim` (`padim_dims` channels; `size` crops only), `patchcore` (`coreset_ratio`,
-    `bank_flip`: the bank holds the OK crops' mirror images too) on
+    `bank_flip`: the bank holds the OK crops' mirror images too; `zoom`: crops resized by it before the backbone) on
     the frozen features of `encoder`, `ssim_ae` (`ae_latent`, `ae_width`; `size` crops only; trained from scratch,
     `encoder` and `weights` unused).
     weights: `lite` (offline ImageNet weights for `tu-tf_efficientnet_lite0..4`), `imagenet` (smp/timm hub
@@ -203,7 +204,7 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
     if weights == "imagenet":
         hub = True if encoder.startswith("tu-") else "imagenet"
     args = ModelArgs(encoder, weights, hub, in_channels, tuple(decoder_channels), image_head, deep_supervision,
-                     cgm, coreset_ratio, size, padim_dims, ae_latent, ae_width, seed, bank_flip)
+                     cgm, coreset_ratio, size, padim_dims, ae_latent, ae_width, seed, bank_flip, zoom)
     try:
         net = ARCHS[arch](args)
     except (KeyError, ValueError) as e:
@@ -224,4 +225,5 @@ def model_from_config(model_cfg: dict, size: int = 128, seed: int = 0) -> Segmen
     return create_model(m["arch"], m["encoder"], m["weights"], m["in_channels"], m["decoder_channels"],
                         m["image_head"], m["deep_supervision"], m["cgm"], m.get("coreset_ratio", 0.1), size,
                         m.get("padim_dims", 100), m.get("ae_latent", 100), m.get("ae_width", 16), seed,
-                        m.get("bank_flip", False))  # a file older than the key was fitted without
+                        m.get("bank_flip", False),  # a file older than the key was fitted without
+                        m.get("zoom", 1.0))
