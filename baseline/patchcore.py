@@ -30,8 +30,8 @@ class PatchCore(FrozenFeatures, MemoryModel):
         dim = sum(self.extractor.channels)
         self.coreset_ratio, self.neighbours, self.seed, self.sigma = coreset_ratio, neighbours, seed, sigma
         self.bank_flip, self.zoom = bank_flip, float(zoom)
-        if not self.zoom > 0:
-            raise ValueError(f"zoom must be positive, got {zoom!r}")
+        if not self.zoom >= 1:
+            raise ValueError(f"zoom must be at least 1, got {zoom!r}")
         self.register_buffer("bank", torch.zeros(bank_size, dim))
         self.register_buffer("image_center", torch.tensor(0.0))
         self.register_buffer("image_scale", torch.tensor(1.0))

@@ -83,8 +83,7 @@ def per_model(value) -> list:
 POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch_size", "train.lr", "train.val_n",
             "predict.batch_size", "calibrate.normal_crops", "calibrate.synth_n", "model.normal_crops",
             "model.padim_dims", "model.ae_latent", "model.ae_width", "baseline.n_train", "baseline.padim_dims",
-            "baseline.ae_steps", "baseline.ae_batch", "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width",
-            "model.zoom", "baseline.zoom")
+            "baseline.ae_steps", "baseline.ae_batch", "baseline.ae_lr", "baseline.ae_latent", "baseline.ae_width")
 NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.aux_loss_weight",
                 "train.jobs", "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs",
                 "predict.min_area", "predict.opening", "predict.tile_overlap", "predict.window")
@@ -119,6 +118,9 @@ def check_values(cfg: dict, where: str) -> None:
         raise InputError(f"{where}: data.holdout must be below 1 (some OK images must remain to train on)")
     if cfg["model"]["coreset_ratio"] <= 0 or cfg["baseline"]["coreset_ratio"] <= 0:
         raise InputError(f"{where}: coreset_ratio must be above 0")
+    for key in ("model.zoom", "baseline.zoom"):  # a crop made smaller: maps too small to smooth, never measured
+        if not _get(cfg, key) >= 1:
+            raise InputError(f"{where}: {key} must be at least 1, got {_get(cfg, key)!r}")
     if cfg["model"]["zoom"] != 1 and cfg["model"]["arch"] != "patchcore":
         raise InputError(f"{where}: model.zoom is PatchCore's alone (model.arch is {cfg['model']['arch']}); "
                          "baseline.zoom sets it for `baseline fit --method patchcore`")

@@ -470,6 +470,8 @@ def test_bench_fits_patchcore_zoomed_as_its_own_file_and_only_on_request(tmp_pat
     assert outs == ["patchcore.pt", "patchcore_zoom.pt"]
     assert not any("zoom" in s for s in sets[0])
     assert sets[1][-3:] == ["baseline.zoom=2", "baseline.coreset_ratio=0.0125", "baseline.seed=1"]
+    steps = json.loads((tmp_path / "out" / "steps.json").read_text())
+    assert set(steps) == {"fit_patchcore", "fit_patchcore_zoom"}  # each its own step: timed, reused, resumed apart
 
 
 def test_bench_never_resumes_what_another_run_left_and_restarts_what_cannot_resume(tmp_path, bench_steps,
