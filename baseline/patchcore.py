@@ -20,7 +20,7 @@ class PatchCore(FrozenFeatures, MemoryModel):
         """weights: the extractor's (built by the registry, `lite` weights are loaded by `create_model` into
         `encoder`, as for every registered model, and this is `none`). bank_flip: fit the bank on the OK crops and
         their mirror images (left-right), the view that flip TTA shows it. zoom: each crop resized (bilinear) by
-        this factor before the backbone, so a patch covers 1/zoom of the pixels it covers at 1 (a 128 px crop at 2
+        this factor before the backbone, so a patch spans 1/zoom of the crop's pixels it spans at 1 (a 128 px crop at 2
         is 256 px, the input size of the paper's backbones): finer maps for thin and small defects, about
         zoom**2 the features to fit and search (pair it with coreset_ratio / zoom**2 for a bank of the same size).
         The map is smoothed by sigma / zoom at the crop's size and always comes back at the crop's size."""

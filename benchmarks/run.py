@@ -8,7 +8,7 @@ Per part: trains the default segmenter (configs/default.yaml, the same for every
 the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
 SimpleNet or RealNet + PatchCore, the evidence UNet + PaDiM, or the three, on request: `--methods
 realnet,hybrid_realnet`, `--methods hybrid_evidence_padim,hybrid_evidence3`; PatchCore on crops zoomed by 2, on
-request too: `--methods patchcore_zoom`). Every model is
+request too: `--methods patchcore,patchcore_zoom`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
 `ensemble predict -m FILE`), ensembles `ensemble calibrate`. Each method is predicted and evaluated on the part's
