@@ -63,7 +63,8 @@ def peak_cut(labels: np.ndarray, n: int, amap: np.ndarray, threshold: float, fra
     np.fmax.at(peak, flat, vals)
     np.fmin.at(low, flat, vals)
     with np.errstate(invalid="ignore"):
-        floor = np.minimum(threshold, low) + frac * (peak - np.minimum(threshold, low))
+        base = np.minimum(threshold, low)
+        floor = base + frac * (peak - base)
         floor = np.where(np.isfinite(floor), np.minimum(floor, peak), -np.inf)
         return (labels > 0) & ((amap >= floor[labels]) | (floor[labels] == -np.inf))
 
