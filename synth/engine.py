@@ -40,8 +40,9 @@ class SynthConfig:
     families: dict = field(default_factory=lambda: {
         "bezier_blob": 1.0, "bezier_stroke": 1.0, "gaussian": 0.7, "perlin": 0.5, "cut_paste": 0.3,
         "displacement": 0.3,
-        # drawn from the surface itself (synth/texture.py): about 38 % of the defects; `shift` is off by default
-        "stain": 0.6, "line": 0.8, "blur": 0.3, "sharpen": 0.2, "shift": 0.0, "edge": 0.4,
+        # drawn from the surface itself (synth/texture.py): about 38 % of the defects; `shift` and `crack`
+        # are off by default (README: their measurements)
+        "stain": 0.6, "line": 0.8, "crack": 0.0, "blur": 0.3, "sharpen": 0.2, "shift": 0.0, "edge": 0.4,
         "transplant": 0.0})  # real defects: needs `transplant`, a folder of them
     fills: dict = field(default_factory=lambda: {"shade": 1.0, "texture": 0.3, "noise": 0.3})
     blends: dict = field(default_factory=lambda: {"alpha": 1.0, "poisson": 0.4})
@@ -253,7 +254,7 @@ class DefectSynthesizer:
         self._roi_file = read_mask(config.roi) if config.roi not in (None, "auto") else None
         # everything that draws a size (the texture families' own blob and Perlin shape too), as synth.sizes says
         for drawer in (*self.shapes.values(), self.displacement, self.texture, self.texture.blob, self.texture.perlin,
-                       self.edge):
+                       self.texture.crack, self.edge):
             drawer.log_sizes = config.sizes == "log"
 
     # ----------------------------------------------------------------------------------------- drawing

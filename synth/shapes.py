@@ -1,4 +1,5 @@
-"""Defect masks: Bezier blobs and strokes, bivariate-Gaussian clouds, Perlin stains, rectangles, elastic warp.
+"""Defect masks: Bezier blobs and strokes, cracks, bivariate-Gaussian clouds, Perlin stains, rectangles, elastic
+warp.
 
 Each shape draws its parameters with `get_params(rng, size)` (ranges are fractions of the crop size) and
 renders them with the pure `render(params, size) -> uint8 {0, 1} mask`, so a recorded sample can be replayed.
@@ -115,6 +116,54 @@ class BezierStroke(Shape):
         mask = np.zeros((size, size), np.uint8)
         pts = np.round(curve * _ONE).astype(np.int32).reshape(-1, 1, 2)
         cv2.polylines(mask, [pts], False, 1, thickness=max(1, int(round(params["width"]))), shift=_SHIFT)
+        return mask
+
+
+class Crack(Shape):
+    """A hair-line crack: a jagged path that wanders about one direction in steps of about 4 px (each turn drawn
+    around the main direction, pulled back towards it), maybe with one branch, drawn 1 - 5 px wide (cv2 line
+    thicknesses 1 - 4). `angle` (radians) gives the main direction; None draws one. `along_probability` is the
+    share the `crack` family draws along the texture's direction (`synth/texture.py`)."""
+
+    name = "crack"
+    STEP = 4.0  # px between the path's points
+
+    def __init__(self, length_range=(0.3, 1.2), width_range=(0.008, 0.03), wander_range=(0.1, 0.4),
+                 branch_probability=0.3, along_probability=0.5):
+        self.along_probability = check_range("crack.along_probability", (along_probability,) * 2, 0, 1)[0]
+        self.length_range = check_range("crack.length_range", length_range, 0.05, 4)
+        self.width_range = check_range("crack.width_range", width_range, 0.001, 0.2)
+        self.wander_range = check_range("crack.wander_range", wander_range, 0, 1.5)
+        self.branch_probability = check_range("crack.branch_probability", (branch_probability,) * 2, 0, 1)[0]
+
+    def _walk(self, rng, start, angle: float, length: float, wander: float) -> np.ndarray:
+        n = max(2, int(round(length / self.STEP)))
+        heading, pts = angle, [np.asarray(start, np.float64)]
+        for _ in range(n):
+            heading = angle + 0.6 * (heading - angle) + float(rng.normal(0, wander))
+            pts.append(pts[-1] + length / n * np.array([math.cos(heading), math.sin(heading)]))
+        return np.stack(pts)
+
+    def get_params(self, rng, size, angle: float | None = None):
+        angle = uniform(rng, (0, math.pi)) if angle is None else angle
+        length = self.size_in(rng, self.length_range) * size
+        wander = uniform(rng, self.wander_range)
+        cx, cy = _center(rng, size, 0.1)
+        start = np.array([cx, cy]) - 0.5 * length * np.array([math.cos(angle), math.sin(angle)])
+        paths = [self._walk(rng, start, angle, length, wander)]
+        if rng.uniform() < self.branch_probability:
+            main = paths[0]
+            root = main[integer(rng, (len(main) // 4, max(len(main) // 4, 3 * len(main) // 4)))]
+            turn = uniform(rng, (0.3, 1.0)) * (1 if rng.uniform() < 0.5 else -1)
+            paths.append(self._walk(rng, root, angle + turn, uniform(rng, (0.2, 0.5)) * length, wander))
+        width = max(1.0, self.size_in(rng, self.width_range) * size)
+        return {"paths": [rounded(q, 2) for q in paths], "width": round(width, 2)}
+
+    @staticmethod
+    def render(params, size):
+        mask = np.zeros((size, size), np.uint8)
+        pts = [np.round(np.asarray(q, np.float64) * _ONE).astype(np.int32).reshape(-1, 1, 2) for q in params["paths"]]
+        cv2.polylines(mask, pts, False, 1, thickness=max(1, int(round(params["width"]))), shift=_SHIFT)
         return mask
 
 
@@ -245,7 +294,7 @@ class ElasticWarp:
         return (warped > 0.5).astype(np.uint8)
 
 
-SHAPES = {cls.name: cls for cls in (BezierBlob, BezierStroke, GaussianShape, PerlinShape, Rectangle)}
+SHAPES = {cls.name: cls for cls in (BezierBlob, BezierStroke, Crack, GaussianShape, PerlinShape, Rectangle)}
 
 
 def render_shape(params: dict, size: int) -> np.ndarray:

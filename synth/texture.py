@@ -7,6 +7,8 @@ built on them, each drawn from a caller-owned generator into a record that repla
   shading);
 - `line`: line defects along the texture direction (or across it), from 1-px hair-lines to bands several pixels
   wide crossing the whole crop, darker, brighter or blurred;
+- `crack`: hair-line cracks (`shapes.Crack`: a jagged path, maybe branched, 1 - 5 px wide) along the texture
+  direction half the time, much darker than the surface (a gap; brighter one time in five), with a sharp edge;
 - `blur` and `sharpen`: the texture locally smoothed away or exaggerated;
 - `shift`: the texture locally displaced by a few pixels (misaligned weave or grain, broken picks); off by
   default: on a texture without a period a shifted patch looks the same, so its label would mark nothing visible
@@ -28,7 +30,7 @@ import numpy as np
 
 from .appearance import _expand, ramp
 from .params import Sized, check_range, extent, rounded, uniform
-from .shapes import BezierBlob, PerlinShape
+from .shapes import BezierBlob, Crack, PerlinShape
 
 MAD_SIGMA = 3.0  # the scale that separates "texture" from "shading" in `texture_mad`
 
@@ -204,11 +206,12 @@ def line_shape(rng, size: int, angle: float, length: float, width: float, bend: 
 
 class TextureFamilies(Sized):
     """Draws the records of the texture-relative families; the engine renders them like every masked family
-    (shape -> mask, fill -> what the surface becomes, alpha blend with a narrow soft edge). Their blend is always
-    that alpha (a Poisson blend would remove the change they make) and their blob masks are warped half the time,
-    whatever `synth.blends` and `synth.warp_probability` say; `stain` draws its own Perlin window and threshold."""
+    (shape -> mask, fill -> what the surface becomes, alpha blend with a narrow soft edge; a crack's is sharper).
+    Their blend is always that alpha (a Poisson blend would remove the change they make) and their blob masks are
+    warped half the time, whatever `synth.blends` and `synth.warp_probability` say; `stain` draws its own Perlin
+    window and threshold."""
 
-    NAMES = ("stain", "line", "blur", "sharpen", "shift")
+    NAMES = ("stain", "line", "crack", "blur", "sharpen", "shift")
 
     KEYS = {"line": {"width_range", "length_range", "along_probability"}, "stain": {"window_range"}}
 
@@ -224,6 +227,9 @@ class TextureFamilies(Sized):
         self.gain = Gain(**p.get("gain", {}))
         self.stain_gain = Gain(**{"strength_range": (0.05, 0.35), "contrast_range": (0.5, 1.2),  # large, so faint
                                   **p.get("gain", {})})
+        self.crack = Crack(**p.get("crack", {}))
+        self.crack_gain = Gain(**{"strength_range": (0.2, 0.6), "contrast_range": (0.3, 1.0),  # a gap: dark, sharp
+                                  "edge_level_range": (0.6, 1.0), "dark_probability": 0.8, **p.get("gain", {})})
         self.blur = Blur(**p.get("blur", {}))
         self.sharpen = Sharpen(**p.get("sharpen", {}))
         self.shift = Shift(**p.get("shift", {}))
@@ -254,6 +260,14 @@ class TextureFamilies(Sized):
             fill = {"kind": kind, **{"gain": self.gain, "blur": self.blur, "shift": self.shift}[kind]
                     .get_params(rng, size)}
             return {"family": family, "shape": shape, "warp": None, "fill": fill, "blend": soft}
+        if family == "crack":  # thin, jagged, much darker than the surface (or brighter), with a sharp edge
+            angle = None
+            if rng.uniform() < self.crack.along_probability:
+                angle = ctx.direction + float(rng.normal(0, 0.05))
+            shape = {"kind": "crack", **self.crack.get_params(rng, size, angle)}
+            return {"family": family, "shape": shape, "warp": None,
+                    "fill": {"kind": "gain", **self.crack_gain.get_params(rng, size)},
+                    "blend": {"kind": "alpha", "softness": round(uniform(rng, (0.0, 0.6)), 3)}}
         fill_of = {"blur": self.blur, "sharpen": self.sharpen, "shift": self.shift}
         if family not in fill_of:
             raise ValueError(f"unknown texture family {family!r}")

@@ -218,6 +218,8 @@ def test_patchcore_zoom_outlines_a_thin_line_more_tightly_and_reloads(tmp_path):
     for bad in ("0", "0.5"):  # below 1: backbone inputs and maps too small for the smoothing, and never measured
         with pytest.raises(InputError, match="baseline.zoom must be at least 1"):
             load_config(None, [f"baseline.zoom={bad}"])
+    with pytest.raises(InputError, match="model.zoom: expected at least 1"):  # the Python API says it too
+        create_model("patchcore", "tu-tf_efficientnet_lite0", "none", 1, zoom=0.5)
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore", "ssim_ae"])

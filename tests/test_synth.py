@@ -344,7 +344,7 @@ def high_pass(img):
     return f - cv2.GaussianBlur(f, (0, 0), 3)
 
 
-@pytest.mark.parametrize("family", ["stain", "line", "blur", "sharpen", "shift", "edge"])
+@pytest.mark.parametrize("family", ["stain", "line", "crack", "blur", "sharpen", "shift", "edge"])
 def test_texture_families_give_masks_of_their_kind_and_touch_nothing_else(ok_dir, family):
     from synth.texture import Shift
 
@@ -368,6 +368,13 @@ def test_texture_families_give_masks_of_their_kind_and_touch_nothing_else(ok_dir
             checked += 1
             (_, _), (w, h), _ = cv2.minAreaRect(cv2.findNonZero(mask))
             assert max(w, h) >= 0.3 * 128 or max(w, h) >= 4 * min(w, h), (w, h)
+        if family == "crack":  # a hair-line: at most 5 px wide, long, and far darker or brighter than the surface
+            checked += 1
+            assert (cv2.distanceTransform(mask, cv2.DIST_L2, 3) > 3.5).sum() <= 0.05 * mask.sum()  # bar junctions
+            (_, _), (w, h), _ = cv2.minAreaRect(cv2.findNonZero(mask))
+            assert max(w, h) >= 0.2 * 128, (w, h)
+            local = cv2.GaussianBlur(crop.astype(np.float32), (0, 0), 3)[mask > 0].mean()
+            assert np.abs(image.astype(int) - crop)[mask > 0].mean() >= 0.08 * local
         if family in ("blur", "sharpen") and inner.sum() > 30:  # the texture is smoothed away or exaggerated
             checked += 1
             before, after = np.abs(high_pass(crop)[inner]).mean(), np.abs(high_pass(image)[inner]).mean()
@@ -393,6 +400,27 @@ def test_lines_follow_the_texture_direction(ok_dir):
         dx, dy = p[-1] - p[0]
         angles.append(abs(math.degrees(math.atan2(abs(dy), abs(dx)))))
     assert np.median(angles) > 70, angles
+
+
+def test_cracks_follow_the_texture_direction_when_asked_and_wander_about_it(ok_dir):
+    """Along the vertical streaks of the tile-like images when `along_probability` is 1, at any angle when it is 0;
+    the path is jagged (not a straight segment) and replays from its record."""
+    def main_paths(prob):
+        out = []
+        for image, mask, rec, crop in one_family(ok_dir, "crack", params={"crack": {"along_probability": prob}}):
+            out.append(np.asarray(rec["defects"][0]["shape"]["paths"][0]))
+            assert np.array_equal(SHAPES["crack"].render(rec["defects"][0]["shape"], 128) > 0, mask > 0)
+        return out
+
+    def steepness(p):
+        dx, dy = p[-1] - p[0]
+        return abs(math.degrees(math.atan2(abs(dy), abs(dx))))
+
+    along, anyway = main_paths(1.0), main_paths(0.0)
+    assert np.median([steepness(p) for p in along]) > 70
+    assert np.median([steepness(p) for p in anyway]) < 60
+    turns = [np.abs(np.diff(np.unwrap(np.arctan2(*np.diff(p, axis=0).T[::-1])))).mean() for p in along]
+    assert np.median(turns) > 0.05  # radians per step: a crack, not a ruler line
 
 
 def test_edge_family_draws_another_family_on_crops_without_an_edge(tmp_path):

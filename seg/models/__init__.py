@@ -200,6 +200,8 @@ def create_model(arch: str = "unet", encoder: str = "tu-tf_efficientnet_lite0", 
         raise InputError(f"model.weights: expected lite, imagenet or none, got {weights!r}")
     if weights == "lite" and encoder not in LITE_ENCODERS:
         raise InputError(f"model.weights: 'lite' weights exist for {', '.join(LITE_ENCODERS)} only, not {encoder!r}")
+    if zoom < 1:  # as the config check says it, not as a failed encoder (the Python API skips that check)
+        raise InputError(f"model.zoom: expected at least 1, got {zoom!r}")
     hub = None
     if weights == "imagenet":
         hub = True if encoder.startswith("tu-") else "imagenet"
