@@ -545,6 +545,48 @@ def ensemble_calibrate(
                       + (f" (what set it: {sheet})" if sheet else ""), highlight=False)
 
 
+@ensemble_app.command("probe")
+def ensemble_probe(
+    out: Path = typer.Option(Path("probe"), "--out", "-o", help="Folder for probe.md, probe.json and probe.png."),
+    checkpoint: Optional[List[Path]] = CkptOpt, ensemble_file: Optional[Path] = EnsOpt,
+    tta: Optional[str] = TtaOpt,
+    n: int = typer.Option(64, min=8, help="Held-out OK crops; every probe cell uses the same ones."),
+    polarity: str = typer.Option("dark", help="dark or bright probes."),
+    contrasts: str = typer.Option("10,20,40", help="Probe contrasts in grey levels, comma-separated."),
+    seed: int = typer.Option(0, help="Which crops and which probe places."),
+    data: Optional[Path] = DataOpt,
+    device: str = typer.Option("auto"),
+):
+    """What a calibrated model catches, from OK images alone: plain spots and lines (along the texture and across
+    it) of several sizes and contrasts drawn on held-out OK crops, each judged as `ensemble predict` would. The
+    share caught per cell, against the false alarms on the same crops bare, in probe.md and probe.png."""
+    from core.modelfile import load_model_file
+    from ensemble.calibrate import calibration_pools
+    from ensemble.probe import SIZES, cells, run_probe, write_report
+    from synth.streams import PROBE
+
+    with user_errors():
+        try:
+            levels = [float(c) for c in contrasts.split(",") if c.strip()]
+        except ValueError:
+            raise InputError(f"--contrasts: expected numbers separated by commas, got {contrasts!r}") from None
+        if not levels or not all(0 < c <= 255 for c in levels):
+            raise InputError(f"--contrasts: expected grey levels in (0, 255], got {contrasts!r}")
+        if polarity not in ("dark", "bright"):
+            raise InputError(f"--polarity: expected dark or bright, got {polarity!r}")
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, None, None, None, {}, device)
+        cfg = load_model_file(ens.paths[0])["config"]
+        if data is not None:
+            cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
+        pool, held_out = calibration_pools(cfg, warn)
+        crops = pool.random_crops(n, [PROBE, seed, 0])
+        with Bar("probing", len(cells(SIZES, levels))) as bar:
+            res = run_probe(ens, p, crops, seed, polarity, SIZES, levels, progress=bar)
+        paths = write_report(res, out, f"{pool.root}" + ("" if held_out else " (not held out: trained on)"))
+        console.print(f"false alarms on the bare crops: {100 * res['false_alarm']:.0f} %; caught per cell in "
+                      f"{paths['markdown']}, {paths['picture']}", highlight=False)
+
+
 @ensemble_app.command("evaluate")
 def ensemble_evaluate(
     pred: Path = typer.Option(..., "--pred", help="Output of `ensemble predict`, or a folder of submission JSONs."),

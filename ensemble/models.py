@@ -24,6 +24,7 @@ import baseline  # noqa: F401  (registers padim, patchcore and ssim_ae in the on
 from seg.config import per_model
 from seg.models import model_from_config
 from core.io import InputError
+from core.postprocess import agreement, final_mask
 
 STRIDE = 32  # the deepest encoder stride: whole-image windows are padded to a multiple of it
 TTA = {"none": lambda: None,
@@ -322,6 +323,13 @@ class Ensemble:
             votes = np.tensordot(self.weights * len(self.models), result["per_model"] >= threshold, axes=1)
             return (votes >= self.vote_k - 1e-9).astype(np.uint8)
         return (result["map"] >= threshold).astype(np.uint8)
+
+    def judge(self, result: dict, params: dict, roi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(final mask, agreement gate) of a `predict` result at the operating point `params`: what `ensemble
+        predict` writes (an empty mask: judged normal)."""
+        hits = result["hits"] if params["threshold"] == self.threshold else self.rehit(result, params["threshold"])
+        gate = agreement(result["per_model"], params.get("shape"))  # an ensemble's trim (calibrated)
+        return final_mask(result["map"], result["image"], params, roi, hits, gate), gate
 
 
 def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto",

@@ -21,7 +21,7 @@ from core.io import InputError, encode_png, find_images, read_image, read_mask, 
 from synth.preview import outline
 
 from .models import Ensemble
-from core.postprocess import agreement, final_mask, image_score
+from core.postprocess import image_score
 from synth.engine import part_region
 from .submission import dump, mask_to_record, text_name, write_zip
 
@@ -114,9 +114,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                     if (h, w) not in roi_by_shape:
                         roi_by_shape[h, w] = cv2.resize(roi_mask, (w, h), interpolation=cv2.INTER_NEAREST)
                     rmask = roi_by_shape[h, w]
-                hits = r["hits"] if params["threshold"] == ens.threshold else ens.rehit(r, params["threshold"])
-                gate = agreement(r["per_model"], params.get("shape"))  # an ensemble's trim (calibrated)
-                mask = final_mask(r["map"], r["image"], params, rmask, hits, gate)
+                mask, gate = ens.judge(r, params, rmask)
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())
                 pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays, gate))

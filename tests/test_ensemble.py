@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 
 import cv2
@@ -691,3 +693,88 @@ def test_calibration_draws_its_defects_with_the_sizes_the_model_trained_on(ok_di
         _, masks = synthetic_defects(cfg, SourcePool(ok_dir), 64, 0)
         area[sizes] = np.exp(np.mean(np.log([m.sum() for m in masks])))  # the geometric mean area
     assert area["log"] < 0.85 * area["uniform"], area  # measured: 0.70 at this seed
+
+
+# ------------------------------------------------------------------------------------------------ probe
+class DarkDetector(nn.Module):
+    """Flags pixels more than 15 grey levels darker than their 21x21 neighbourhood: a detector with a known limit."""
+
+    def forward(self, x):
+        g = x[:, :1] * 255
+        m = torch.nn.functional.avg_pool2d(g, 21, 1, 10, count_include_pad=False) - g - 15
+        return {"mask": m, "image": None}
+
+
+class Corner(nn.Module):
+    """Fires on a 4x4 corner of every image, whatever it shows."""
+
+    def forward(self, x):
+        m = torch.full_like(x[:, :1], -5.0)
+        m[..., :4, :4] = 5.0
+        return {"mask": m, "image": None}
+
+
+def test_probe_shapes_are_the_sizes_asked_and_lie_inside_the_crop():
+    from ensemble.probe import probe_profile
+
+    rng = np.random.default_rng(0)
+    for d in (3, 6, 12):
+        p = probe_profile(128, "spot", d, rng, 0.0)
+        assert abs((p >= 0.5).sum() - math.pi * d * d / 4) <= 0.35 * math.pi * d * d / 4 + 2
+    for w in (1, 2, 4):
+        for kind, want in (("line along", 90.0), ("line across", 0.0)):
+            p = probe_profile(128, kind, w, rng, math.pi / 2)  # the texture runs vertically (image y)
+            m = (p >= 0.5).astype(np.uint8)
+            (_, _), (a, b), ang = cv2.minAreaRect(cv2.findNonZero(m))
+            assert abs(max(a, b) - 64) <= 3 and abs(min(a, b) - w) <= 1.5, (kind, w, a, b)
+            ys, xs = np.nonzero(m)
+            steep = math.degrees(math.atan2(np.ptp(ys), np.ptp(xs)))
+            assert abs(steep - want) < 10, (kind, steep)
+            assert not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+
+
+def test_probe_finds_a_detector_s_limit_and_its_polarity(tmp_path):
+    """A detector that flags pixels 15 grey levels darker than their 21x21 mean: it catches every dark probe of 30
+    grey levels and none of 10, nor any bright probe; bare crops raise no alarm."""
+    from ensemble.probe import report_markdown, run_probe, write_report
+
+    ens = Ensemble([DarkDetector()], 1, 128, "cpu", "none")
+    crops = [np.clip(np.random.default_rng(i).normal(120, 2, (128, 128)), 0, 255).astype(np.uint8) for i in range(6)]
+    p = {"threshold": 0.0, "image_threshold": -1e30, "min_area": 5, "opening": 0}
+    sizes = {"spot": (6,), "line": (2,)}
+    dark = run_probe(ens, p, crops, polarity="dark", sizes=sizes, contrasts=(10, 30))
+    assert dark["false_alarm"] == 0.0
+    caught = {(r["kind"], r["contrast"]): r["caught"] for r in dark["cells"]}
+    for kind in ("spot", "line along", "line across"):
+        assert caught[kind, 10.0] == 0.0 and caught[kind, 30.0] == 1.0, caught
+    bright = run_probe(ens, p, crops, polarity="bright", sizes=sizes, contrasts=(40,))
+    assert all(r["caught"] == 0.0 for r in bright["cells"])
+    again = run_probe(ens, p, crops, polarity="dark", sizes=sizes, contrasts=(10, 30))
+    assert again["cells"] == dark["cells"]  # seeded: the same places
+    assert "| 30 | 100 % |" in report_markdown(dark, "test")
+    corner = Ensemble([Corner()], 1, 128, "cpu", "none")  # flags every crop, never where the probe is
+    elsewhere = run_probe(corner, p, crops, sizes=sizes, contrasts=(30,))
+    assert elsewhere["false_alarm"] == 1.0 and all(r["flagged"] == 1 and r["caught"] == 0 for r in elsewhere["cells"])
+    paths = write_report(dark, tmp_path / "probe", "test")
+    assert paths["picture"].read_bytes()[:4] == b"\x89PNG" and "caught" in paths["json"].read_text()
+
+
+def test_cli_probe_reports_a_fitted_model_and_refuses_bad_contrasts_in_one_line(tmp_path):
+    import cli
+    from typer.testing import CliRunner
+    from conftest import tiny_patchcore_args, write_ok_images
+
+    run = CliRunner()
+    ok = write_ok_images(tmp_path / "ok", 5)
+    r = run.invoke(cli.app, [*tiny_patchcore_args(ok), "-o", str(tmp_path / "pc.pt")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "probe"
+    r = run.invoke(cli.app, ["ensemble", "probe", "-m", str(tmp_path / "pc.pt"), "--n", "8", "--contrasts", "60",
+                             "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "probe.md").read_text()
+    assert all(f"## {k}" in md for k in ("spot", "line along", "line across")) and "| 60 |" in md
+    assert len(json.loads((out / "probe.json").read_text())["cells"]) == 9
+    for bad in (["--contrasts", "10,abc"], ["--contrasts", "300"], ["--polarity", "grey"]):
+        r = run.invoke(cli.app, ["ensemble", "probe", "-m", str(tmp_path / "pc.pt"), *bad, "-o", str(out)])
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and "error:" in r.output, r.output
