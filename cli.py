@@ -574,15 +574,23 @@ def ensemble_probe(
             raise InputError(f"--contrasts: expected grey levels in (0, 255], got {contrasts!r}")
         if polarity not in ("dark", "bright"):
             raise InputError(f"--polarity: expected dark or bright, got {polarity!r}")
+        levels = sorted(set(levels))
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, None, None, None, {}, device)
-        cfg = load_model_file(ens.paths[0])["config"]
+        first = load_model_file(ens.paths[0])
+        if ensemble_file is None and (len(ens.paths) > 1 or first.get("calibration") is None):
+            what = f"{len(ens.paths)} models without an ensemble.json" if len(ens.paths) > 1 else \
+                f"{ens.paths[0]} carries no calibration"
+            raise InputError(f"{what}: the probe measures a calibrated operating point; run `ensemble calibrate` "
+                             "and give its file with -e")
+        cfg = first["config"]
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
         pool, held_out = calibration_pools(cfg, warn)
         crops = pool.random_crops(n, [PROBE, seed, 0])
         with Bar("probing", len(cells(SIZES, levels))) as bar:
             res = run_probe(ens, p, crops, seed, polarity, SIZES, levels, progress=bar)
-        paths = write_report(res, out, f"{pool.root}" + ("" if held_out else " (not held out: trained on)"))
+        source = f"{pool.root} ({len(pool)} {'held-out' if held_out else 'training (none held out)'} images)"
+        paths = write_report(res, out, source)
         console.print(f"false alarms on the bare crops: {100 * res['false_alarm']:.0f} %; caught per cell in "
                       f"{paths['markdown']}, {paths['picture']}", highlight=False)
 

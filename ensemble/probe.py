@@ -6,7 +6,8 @@ seen as well as one across it. The probe answers that from the held-out OK image
 from; never trained on). Each of `n` real normal crops gets one plain defect at a random place: a round spot of a
 given diameter, or a straight line of a given width, half the crop long, along the texture's direction or across
 it (`synth.texture.CropContext.direction`). Its pixels are made `contrast` grey levels darker (or brighter) with an
-anti-aliased edge. Each cell of (kind, size, contrast) uses the same crops. A probe counts as caught when the crop
+anti-aliased edge. Every cell of (kind, size, contrast) uses the same crops, and the contrasts of one (kind, size)
+the same places. A probe counts as caught when the crop
 is judged defective at the model's calibrated operating point, exactly as `ensemble predict` judges it, and its
 mask touches the probe (within 2 px). The same crops without a probe give the false-alarm rate the catches are to
 be read against.
@@ -89,12 +90,14 @@ def run_probe(ens: Ensemble, params: dict, crops: Sequence[np.ndarray], seed: in
     sign = -1 if polarity == "dark" else 1
     crops = list(crops)
     size = crops[0].shape[0]
+    if any(c.shape[:2] != (size, size) for c in crops):
+        raise ValueError("run_probe: expected square crops, all of one size")
     bare = _judge(ens, params, crops)
     directions = [CropContext(c).direction for c in crops]
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * TOUCH + 1, 2 * TOUCH + 1))
     rows, examples = [], {}
-    for k, (kind, width, contrast) in enumerate(cells(sizes, contrasts)):
-        rng = stream(PROBE, seed, 1, k)
+    for kind, width, contrast in cells(sizes, contrasts):
+        rng = stream(PROBE, seed, 1, KINDS.index(kind), round(width * 100))  # each contrast: the same places
         profiles = [probe_profile(size, kind, width, rng, d) for d in directions]
         images = [with_probe(c, p, contrast, sign) for c, p in zip(crops, profiles)]
         masks = _judge(ens, params, images)

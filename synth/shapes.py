@@ -121,9 +121,9 @@ class BezierStroke(Shape):
 
 class Crack(Shape):
     """A hair-line crack: a jagged path that wanders about one direction in steps of about 4 px (each turn drawn
-    around the main direction, pulled back towards it), maybe with one branch, drawn 1 - 5 px wide (cv2 line
-    thicknesses 1 - 4). `angle` (radians) gives the main direction; None draws one. `along_probability` is the
-    share the `crack` family draws along the texture's direction (`synth/texture.py`)."""
+    around the main direction, pulled back towards it), maybe with one branch, `width_range` of the crop wide (1 - 5
+    px on a 128-px crop: cv2 line thicknesses 1 - 4). `angle` (radians) gives the main direction; None draws one.
+    `along_probability` is the share the `crack` family draws along the texture's direction (`synth/texture.py`)."""
 
     name = "crack"
     STEP = 4.0  # px between the path's points

@@ -18,7 +18,7 @@ NORMAL = 0x0C0C  # OK crops a normal model (evidence UNet) is fitted on: [NORMAL
 # pairs a model selects its features on (realnet's AFS): [NORMAL, seed, 2, i]
 CALIBRATION = 0xCA11B  # calibration's normal crops and synthetic defects: [CALIBRATION, seed, k, ...]
 BENCH = 0xBE7C  # synthetic test sets of the benchmarks, on held-out OK images: [BENCH, seed, k]
-PROBE = 0x960BE  # `ensemble probe`: its OK crops [PROBE, seed, 0], each cell's probe places [PROBE, seed, 1, cell]
+PROBE = 0x960BE  # `ensemble probe`: its OK crops [PROBE, seed, 0], probe places [PROBE, seed, 1, kind, size]
 
 TAGS = {"train": TRAIN, "validation": VALIDATION, "generate": GENERATE, "split": SPLIT, "normal": NORMAL,
         "calibration": CALIBRATION, "bench": BENCH, "probe": PROBE}

@@ -7,8 +7,9 @@ built on them, each drawn from a caller-owned generator into a record that repla
   shading);
 - `line`: line defects along the texture direction (or across it), from 1-px hair-lines to bands several pixels
   wide crossing the whole crop, darker, brighter or blurred;
-- `crack`: hair-line cracks (`shapes.Crack`: a jagged path, maybe branched, 1 - 5 px wide) along the texture
-  direction half the time, much darker than the surface (a gap; brighter one time in five), with a sharp edge;
+- `crack`: hair-line cracks (`shapes.Crack`: a jagged path, maybe branched, 1 - 5 px wide on 128-px crops) along
+  the texture direction half the time, much darker than the surface (a gap; brighter one time in five), with a
+  sharp edge; weight 0 by default;
 - `blur` and `sharpen`: the texture locally smoothed away or exaggerated;
 - `shift`: the texture locally displaced by a few pixels (misaligned weave or grain, broken picks); off by
   default: on a texture without a period a shifted patch looks the same, so its label would mark nothing visible

@@ -714,6 +714,20 @@ class Corner(nn.Module):
         return {"mask": m, "image": None}
 
 
+def test_probe_lines_follow_the_texture_of_each_crop():
+    """On the tile-like test images (vertical streaks), the probe's lines along the texture are vertical and the ones
+    across it horizontal."""
+    from ensemble.probe import run_probe
+
+    ens = Ensemble([Corner()], 1, 128, "cpu", "none")
+    crops = [textured(i)[:128, 40:168].copy() for i in range(3)]
+    p = {"threshold": 0.0, "image_threshold": -1e30, "min_area": 5, "opening": 0}
+    res = run_probe(ens, p, crops, sizes={"spot": (6,), "line": (2,)}, contrasts=(30,))
+    for kind, steep in (("line along", True), ("line across", False)):
+        ys, xs = np.nonzero(res["examples"][kind, 2.0, 30.0][2] >= 0.5)
+        assert (np.ptp(ys) > 4 * np.ptp(xs)) if steep else (np.ptp(xs) > 4 * np.ptp(ys)), kind
+
+
 def test_probe_shapes_are_the_sizes_asked_and_lie_inside_the_crop():
     from ensemble.probe import probe_profile
 
@@ -749,8 +763,11 @@ def test_probe_finds_a_detector_s_limit_and_its_polarity(tmp_path):
         assert caught[kind, 10.0] == 0.0 and caught[kind, 30.0] == 1.0, caught
     bright = run_probe(ens, p, crops, polarity="bright", sizes=sizes, contrasts=(40,))
     assert all(r["caught"] == 0.0 for r in bright["cells"])
-    again = run_probe(ens, p, crops, polarity="dark", sizes=sizes, contrasts=(10, 30))
-    assert again["cells"] == dark["cells"]  # seeded: the same places
+    again = run_probe(ens, p, crops, polarity="dark", sizes=sizes, contrasts=(30,))
+    for kind, size in (("spot", 6.0), ("line along", 2.0), ("line across", 2.0)):  # seeded: the same places, and
+        same = again["examples"][kind, size, 30.0][2]  # the same at every contrast of a (kind, size)
+        assert np.array_equal(same, dark["examples"][kind, size, 30.0][2])
+        assert np.array_equal(same, dark["examples"][kind, size, 10.0][2])
     assert "| 30 | 100 % |" in report_markdown(dark, "test")
     corner = Ensemble([Corner()], 1, 128, "cpu", "none")  # flags every crop, never where the probe is
     elsewhere = run_probe(corner, p, crops, sizes=sizes, contrasts=(30,))
@@ -763,6 +780,7 @@ def test_cli_probe_reports_a_fitted_model_and_refuses_bad_contrasts_in_one_line(
     import cli
     from typer.testing import CliRunner
     from conftest import tiny_patchcore_args, write_ok_images
+    from core.modelfile import load_model_file, save_model_file
 
     run = CliRunner()
     ok = write_ok_images(tmp_path / "ok", 5)
@@ -775,6 +793,11 @@ def test_cli_probe_reports_a_fitted_model_and_refuses_bad_contrasts_in_one_line(
     md = (out / "probe.md").read_text()
     assert all(f"## {k}" in md for k in ("spot", "line along", "line across")) and "| 60 |" in md
     assert len(json.loads((out / "probe.json").read_text())["cells"]) == 9
-    for bad in (["--contrasts", "10,abc"], ["--contrasts", "300"], ["--polarity", "grey"]):
-        r = run.invoke(cli.app, ["ensemble", "probe", "-m", str(tmp_path / "pc.pt"), *bad, "-o", str(out)])
+    bare = load_model_file(tmp_path / "pc.pt")
+    del bare["calibration"]
+    save_model_file(tmp_path / "bare.pt", bare)
+    for model, bad in (("pc.pt", ["--contrasts", "10,abc"]), ("pc.pt", ["--contrasts", "300"]),
+                       ("pc.pt", ["--polarity", "grey"]), ("bare.pt", [])):
+        r = run.invoke(cli.app, ["ensemble", "probe", "-m", str(tmp_path / model), *bad, "-o", str(out)])
         assert r.exit_code == 2 and r.output.count("\n") == 1 and "error:" in r.output, r.output
+    assert "carries no calibration" in r.output
