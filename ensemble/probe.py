@@ -112,19 +112,26 @@ def run_probe(ens: Ensemble, params: dict, crops: Sequence[np.ndarray], seed: in
             "cells": rows, "examples": examples}
 
 
+def _table(res: dict, kind: str) -> tuple[str, list[float], list[tuple[float, dict]]]:
+    """(what the size measures, the sizes in order, [(contrast, {size: share caught})] in contrast order) of one
+    kind: what the markdown tables and the picture both show."""
+    rows = [r for r in res["cells"] if r["kind"] == kind]
+    sizes = sorted({r["size"] for r in rows})
+    by_contrast = [(c, {r["size"]: r["caught"] for r in rows if r["contrast"] == c})
+                   for c in sorted({r["contrast"] for r in rows})]
+    return ("diameter" if kind == "spot" else "width"), sizes, by_contrast
+
+
 def report_markdown(res: dict, source: str) -> str:
     """One table per kind: rows = contrast, columns = size, cells = share caught."""
     lines = [f"# What the model catches: {res['n']} held-out OK crops of {source}, {res['polarity']} probes", "",
              f"False alarms on the same crops without a probe: {100 * res['false_alarm']:.0f} %. A probe is caught "
              f"when its crop is flagged and the mask touches it (within {TOUCH} px).", ""]
     for kind in KINDS:
-        rows = [r for r in res["cells"] if r["kind"] == kind]
-        sizes = sorted({r["size"] for r in rows})
-        what = "diameter" if kind == "spot" else "width"
+        what, sizes, by_contrast = _table(res, kind)
         lines += [f"## {kind}", "", "| contrast (grey levels) | " + " | ".join(f"{what} {s:g} px" for s in sizes)
                   + " |", "|---|" + "---|" * len(sizes)]
-        for c in sorted({r["contrast"] for r in rows}):
-            by = {r["size"]: r["caught"] for r in rows if r["contrast"] == c}
+        for c, by in by_contrast:
             lines.append(f"| {c:g} | " + " | ".join(f"{100 * by[s]:.0f} %" for s in sizes) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -144,11 +151,8 @@ def report_picture(res: dict) -> np.ndarray:
     the row (green outline) and the mask the model gave it (red)."""
     tiles = []
     for kind in KINDS:
-        rows = [r for r in res["cells"] if r["kind"] == kind]
-        sizes = sorted({r["size"] for r in rows})
-        what = "diameter" if kind == "spot" else "width"
-        for c in sorted({r["contrast"] for r in rows}):
-            by = {r["size"]: r["caught"] for r in rows if r["contrast"] == c}
+        what, sizes, by_contrast = _table(res, kind)
+        for c, by in by_contrast:
             image, mask, profile = res["examples"][kind, sizes[-1], c]
             shown = cv2.resize(outline(outline(image, profile >= 0.5, (0, 200, 0)), mask, (0, 0, 255)), (128, 128),
                                interpolation=cv2.INTER_NEAREST)
