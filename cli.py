@@ -217,16 +217,20 @@ def seg_train(
     val_dir: Optional[Path] = typer.Option(None, help="Real labelled folder (images + masks beside) for validation."),
     synth_dir: Optional[Path] = typer.Option(None, help="Train on a `synth generate` folder instead of on the fly."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),
-    calibrate: bool = typer.Option(True, help="Calibrate best.pt on held-out OK images at the end."),
+    calibrate: bool = typer.Option(True, help="Calibrate best.pt on held-out OK images at the end (and, with "
+                                   "train.partner, fit that baseline and calibrate the two as one: ensemble.json)."),
     seeds: Optional[int] = typer.Option(None, min=1, help="Overrides train.seeds: train this many models, with "
                                         "seeds train.seed, +1, ..., each in <out>/seed<S>/ (one ensemble); on a CPU "
                                         "side by side (train.jobs)."),
 ):
     """Train a segmenter on synthetic defects (curriculum, checkpoints best/last, metrics.csv, curves.png), then
-    calibrate best.pt's thresholds on the held-out OK images."""
+    calibrate best.pt's thresholds on the held-out OK images. With `train.partner` (PatchCore by default) it also
+    fits that baseline and calibrates the two as one hybrid, the run folder's ensemble.json: the default method,
+    which `ensemble predict -m RUN_FOLDER` uses."""
     import baseline  # noqa: F401  (registers padim, patchcore and ssim_ae: seg train fits every model)
+    from baseline.fit import METHODS
     from core.io import write_json
-    from core.modelfile import SEEDS_FILE, run_seeds
+    from core.modelfile import RUN_ENSEMBLE, SEEDS_FILE, run_seeds
     from seg.train import seed_plan, train
 
     with user_errors(RESUME_EPOCH):
@@ -256,6 +260,8 @@ def seg_train(
         if resume and order != planned:
             console.print(f"resuming the run in {base}: " + (f"seeds {order}" if len(order) > 1 else "one model"),
                           highlight=False)
+        # the folder's ensemble describes the files as they end: made again below (resumed: best.pt may still move)
+        (base / RUN_ENSEMBLE).unlink(missing_ok=True)
         jobs, threads = seed_plan(cfg, len(runs))
         if jobs > 1:  # side by side, each seed in a process of its own (core.workers.run_each)
             _train_side_by_side(runs, resume, calibrate, jobs, threads)
@@ -268,9 +274,57 @@ def seg_train(
                 console.print(_trained(c, summary))
                 if calibrate and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 alone
                     calibrate_file(Path(summary["out"]) / "best.pt")
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 alone goes on
+            return
+        partner = cfg["train"]["partner"] if cfg["model"]["arch"] not in METHODS else "none"  # a baseline: none
+        why = None
+        if partner != "none" and not calibrate:
+            why = "--no-calibrate (a hybrid is calibrated as one)"
+        elif partner != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            why = f"a baseline fits in one process; `seg train --resume -o {base}` without torchrun adds it"
+        if partner != "none" and why is None and _with_partner(cfg, base, partner, resume, len(runs)):
+            return
+        if why:
+            warn(f"no {partner} partner: {why}")
         if len(runs) > 1:
             console.print(f"{len(runs)} models in {base}; as one hybrid with PatchCore: ensemble calibrate -m {base} "
                           "-m PATCHCORE.pt --tta flip -o hybrid.json")
+
+
+def _with_partner(cfg: dict, base: Path, partner: str, resume: bool, n_seeds: int) -> bool:
+    """The default method from `seg train` alone: `partner` (a baseline) fitted on the same OK images and split as
+    `baseline fit` would (`<base>/<partner>.pt`, calibrated), then the run's segmenter(s) and it calibrated as one
+    ensemble from the held-out OK images, `<base>/ensemble.json`, which `-m <base>` then stands for. A resumed run
+    keeps a calibrated partner file already there (and resumes an interrupted fit of one). A failure only warns:
+    the segmenter stays, as without a partner. Returns whether the ensemble was made."""
+    from baseline.fit import fit_baseline
+    from core.modelfile import RUN_ENSEMBLE, load_model_file
+    from core.progress import progress_to
+    from ensemble.calibrate import calibrate_ensemble_file
+
+    pfile = base / f"{partner}.pt"
+    try:
+        kept = resume and pfile.is_file()
+        if not kept:
+            fit_cfg = copy.deepcopy(cfg)
+            fit_cfg["train"]["val_dir"] = None  # fitted as `baseline fit` fits it
+            s = fit_baseline(fit_cfg, partner, pfile, progress=Bar, warn=warn, resume=resume,
+                             log=lambda m: console.print(m, highlight=False))
+            console.print(f"partner {partner}: fitted in {s['fit_seconds']:.1f}s -> {pfile}", highlight=False)
+        if not kept or load_model_file(pfile).get("calibration") is None:
+            calibrate_file(pfile)
+        ens, p = build_ensemble([base, pfile], None, None, None, None, None, {}, cfg["train"]["device"],
+                                calibrating=True)
+        with progress_to(Bar):
+            report = calibrate_ensemble_file(ens, load_model_file(ens.paths[0])["config"], p, base / RUN_ENSEMBLE,
+                                             warn=warn)
+    except Exception as e:  # noqa: BLE001 (the segmenter trained fine: a failure of its partner only warns)
+        alone = f"-m {base}" if n_seeds == 1 else f"ensemble calibrate -m {base} -o ensemble.json"
+        warn(f"{base}: no hybrid with {partner} ({type(e).__name__}: {str(e)[:200]}); the segmenter alone: {alone}")
+        return False
+    console.print(f"the segmenter and {partner} calibrated as one (tta {ens.tta_mode}): {report['params']} -> "
+                  f"{base / RUN_ENSEMBLE}; predict with it: ensemble predict -m {base} ...", highlight=False)
+    return True
 
 
 def _trained(c: dict, summary: dict) -> str:
@@ -377,8 +431,9 @@ def seg_convert(
 
 
 # --------------------------------------------------------------------------------------------- ensemble
-CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A model file, or a `seg train` run folder (its best.pt, or "
-                       "every seed's); repeatable: an ensemble.")
+CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A model file, or a `seg train` run folder: its best.pt, or "
+                       "every seed's; given alone to predict, probe or export, its ensemble.json (the segmenter "
+                       "with its partner) when it has one. Repeatable: an ensemble.")
 EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `ensemble calibrate`.")
 
 
@@ -513,9 +568,9 @@ def ensemble_calibrate(
     map and outlines where its models agree (--no-shape: the merged map's own outline)."""
     from core.modelfile import load_model_file
     from core.progress import progress_to
-    from ensemble.calibrate import calibrate_from_config, sheet_path
+    from ensemble.calibrate import calibrate_ensemble_file
     from ensemble.evaluate import has_ground_truth, load_ground_truth
-    from core.io import read_image, write_json
+    from core.io import read_image
 
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {"peak_frac": peak_frac},
@@ -532,17 +587,10 @@ def ensemble_calibrate(
                                  "held-out OK images, give --val-dir only for labelled crops")
             paths, _, gt = load_ground_truth(val_dir)
             labelled = ([read_image(x, ens.channels) for x in paths], gt)
-        sheet = None if labelled is not None else sheet_path(out)
-        if sheet is None:  # chosen on labelled crops: an older sheet beside `out` would no longer describe it
-            sheet_path(out).unlink(missing_ok=True)
         with progress_to(Bar):
-            report = calibrate_from_config(ens, cfg, p, target_overkill, labelled, warn=warn, sheet=sheet)
-        spec = {"checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "vote_k": ens.vote_k,
-                "weights": [float(w) for w in ens.weights], "norms": report["norms"], "params": report["params"],
-                "calibration": {k: v for k, v in report.items() if k not in ("norms", "params")}}
-        write_json(out, spec)
+            report = calibrate_ensemble_file(ens, cfg, p, out, target_overkill, labelled, warn=warn)
         console.print(f"calibrated ({report['mode']}): {report['params']} -> {out}"
-                      + (f" (what set it: {sheet})" if sheet else ""), highlight=False)
+                      + (f" (what set it: {report['sheet']})" if report["sheet"] else ""), highlight=False)
 
 
 @ensemble_app.command("probe")
@@ -562,6 +610,7 @@ def ensemble_probe(
     share caught per cell, against the false alarms on the same crops bare, in probe.md and probe.png."""
     from core.modelfile import load_model_file
     from ensemble.calibrate import calibration_pools
+    from ensemble.models import run_default
     from ensemble.probe import SIZES, cells, run_probe, write_report
     from synth.streams import PROBE
 
@@ -575,6 +624,7 @@ def ensemble_probe(
         if polarity not in ("dark", "bright"):
             raise InputError(f"--polarity: expected dark or bright, got {polarity!r}")
         levels = sorted(set(levels))
+        checkpoint, ensemble_file = run_default(checkpoint, ensemble_file)  # a run folder: its ensemble, if any
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, None, None, None, {}, device)
         first = load_model_file(ens.paths[0])
         if ensemble_file is None and (len(ens.paths) > 1 or first.get("calibration") is None):

@@ -40,7 +40,7 @@ def baseline_config(cfg: dict, method: str) -> dict:
                         ae_latent=b["ae_latent"], ae_width=b["ae_width"], in_channels=cfg["synth"]["channels"],
                         zoom=b["zoom"] if method == "patchcore" else 1.0)  # PatchCore's alone
     t = cfg["train"]
-    t.update(seed=b["seed"], seeds=1, ema=0.0, synth_dir=None, early_stopping=0, epochs=1)
+    t.update(seed=b["seed"], seeds=1, ema=0.0, synth_dir=None, early_stopping=0, epochs=1, partner="none")
     if method == "ssim_ae":  # its own term is all its loss; its crops flipped at random, nothing else (Bergmann)
         epochs = max(1, b["ae_steps"] // AE_EPOCH_STEPS)
         t.update(epochs=epochs, steps_per_epoch=math.ceil(b["ae_steps"] / epochs), batch_size=b["ae_batch"],

@@ -9,6 +9,7 @@ chosen by `ensemble.calibrate`, see there).
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from pathlib import Path
@@ -118,6 +119,32 @@ def model_paths(paths) -> list[str]:
                              f"`seg train --resume -o {p}` completes it")
         out.extend(str(f) for f in files)
     return out
+
+
+RUN_ENSEMBLE = "ensemble.json"  # in a `seg train` run folder: its segmenter(s) and partner, calibrated as one
+
+
+def run_ensemble(path: str | Path) -> Path | None:
+    """The calibrated ensemble that a `seg train` run folder stands for when it has one (its ensemble.json: the
+    segmenter and its partner baseline, `train.partner`), else None (a file, or a folder without one)."""
+    f = Path(path) / RUN_ENSEMBLE
+    return f if Path(path).is_dir() and f.is_file() else None
+
+
+def spec_checkpoints(spec: dict, spec_path: str | Path) -> list[str]:
+    """The model files an ensemble.json lists. Written today relative to the ensemble.json's own folder
+    (`"relative": true`), so a run folder moved or copied elsewhere still loads; files of older versions list
+    them as given on their command line."""
+    listed = [str(c) for c in spec.get("checkpoints") or []]
+    if spec.get("relative"):
+        return [str(Path(spec_path).parent / c) for c in listed]
+    return listed
+
+
+def relative_checkpoints(paths, spec_path: str | Path) -> list[str]:
+    """`paths` relative to the folder of the ensemble.json `spec_path` (what `spec_checkpoints` reads back)."""
+    base = Path(spec_path).resolve().parent
+    return [os.path.relpath(Path(p).resolve(), base) for p in paths]
 
 
 def set_calibration(path: str | Path, calibration: dict) -> None:

@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import torch
 
-from core.io import write_png
+from core.io import write_json, write_png
 from core.progress import task
-from core.modelfile import load_model_file, set_calibration
+from core.modelfile import load_model_file, relative_checkpoints, set_calibration
 from core.postprocess import agreement, decide, evidence, flagged_outline, peak_cut, postprocess
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
@@ -394,6 +394,25 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
              f"(the {k} loudest with a mask; crops at random positions would spread wider): {what}"
              + (f"; see {sheet}" if sheet and Path(sheet).is_file() else ""))
     return out
+
+
+def calibrate_ensemble_file(ens: Ensemble, cfg: dict, defaults: dict, out: str | Path,
+                            target_overkill: float | None = None, labelled: tuple[list, list] | None = None,
+                            warn=None) -> dict:
+    """`calibrate_from_config` for an ensemble, saved as the ensemble.json `out` (what `ensemble calibrate` and
+    `seg train`'s hybrid with its partner write): its model files relative to `out`'s folder, so the folder moves
+    with them; TTA, merge, weights, normalisers, operating point and the calibration report. The crops that set
+    it are drawn beside it (`sheet_path`), unless labelled crops chose it. Returns the report."""
+    sheet = None if labelled is not None else sheet_path(out)
+    if sheet is None:  # chosen on labelled crops: an older sheet beside `out` would no longer describe it
+        sheet_path(out).unlink(missing_ok=True)
+    report = calibrate_from_config(ens, cfg, defaults, target_overkill, labelled, warn=warn, sheet=sheet)
+    spec = {"checkpoints": relative_checkpoints(ens.paths, out), "relative": True, "tta": ens.tta_mode,
+            "merge": ens.merge, "vote_k": ens.vote_k, "weights": [float(w) for w in ens.weights],
+            "norms": report["norms"], "params": report["params"],
+            "calibration": {k: v for k, v in report.items() if k not in ("norms", "params")}}
+    write_json(out, spec)
+    return {**report, "sheet": sheet}
 
 
 def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3,

@@ -19,7 +19,7 @@ import torch
 import ttach as tta
 
 from core.device import place, resolve_device
-from core.modelfile import load_model_file, model_paths, run_seeds
+from core.modelfile import RUN_ENSEMBLE, load_model_file, model_paths, run_ensemble, run_seeds, spec_checkpoints
 import baseline  # noqa: F401  (registers padim, patchcore and ssim_ae in the one registry, for loading)
 from seg.config import per_model
 from seg.models import model_from_config
@@ -332,6 +332,26 @@ class Ensemble:
         return final_mask(result["map"], result["image"], params, roi, hits, gate), gate
 
 
+def run_default(checkpoint, ensemble_file, warn=None):
+    """(checkpoint, ensemble_file) with a `seg train` run folder given alone (`-m FOLDER`) standing for its
+    default model: its ensemble.json (the segmenter and its partner baseline, calibrated as one) when it has one.
+    A run's own best.pt given alone stays itself, with a note (`warn`) that its run has that ensemble."""
+    if ensemble_file or not checkpoint or len(checkpoint) != 1:
+        return checkpoint, ensemble_file
+    found = run_ensemble(checkpoint[0])
+    if found is not None:
+        return None, found
+    f = Path(checkpoint[0])
+    if f.name != "best.pt" or not warn:
+        return checkpoint, ensemble_file
+    for folder in (f.parent, f.parent.parent):  # a run's best.pt, or one seed's of a run of several
+        if run_ensemble(folder) is not None and (folder == f.parent or run_seeds(folder) is not None):
+            warn(f"{f}: this model alone; its run's default is {folder / RUN_ENSEMBLE} (the segmenter and its "
+                 f"partner, calibrated as one): -m {folder}")
+            break
+    return checkpoint, ensemble_file
+
+
 def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto",
                    calibrating: bool = False, warn=None):
     """(Ensemble, params): settings from the first checkpoint's config <- its calibration (one model file) or
@@ -339,6 +359,8 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     from core.io import read_json_file
 
     warn = warn or (lambda m: None)
+    if not calibrating:
+        checkpoint, ensemble_file = run_default(checkpoint, ensemble_file, warn)
     spec = read_json_file(ensemble_file) if ensemble_file else {}
     if spec and "norms" not in spec:
         raise InputError(f"{ensemble_file}: written by an older version (thresholds on a probability scale); "
@@ -347,11 +369,12 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     if seeded and not spec and not calibrating:
         raise InputError(f"{seeded[0]}: a run of several seeds, one ensemble: calibrate it as one first "
                          f"(ensemble calibrate -m {seeded[0]} -o ensemble.json), then predict with -e ensemble.json")
-    paths = model_paths(checkpoint) if checkpoint else list(spec.get("checkpoints") or [])
+    listed = spec_checkpoints(spec, ensemble_file) if spec else []
+    paths = model_paths(checkpoint) if checkpoint else listed
     if not paths:
         raise InputError("no model: give --checkpoint PATH (repeatable) or --ensemble ensemble.json")
-    if spec and checkpoint and paths != [str(x) for x in spec["checkpoints"]]:
-        raise InputError(f"{ensemble_file} was calibrated for {spec['checkpoints']}; give no --checkpoint with it, "
+    if spec and checkpoint and [Path(x).resolve() for x in paths] != [Path(x).resolve() for x in listed]:
+        raise InputError(f"{ensemble_file} was calibrated for {listed}; give no --checkpoint with it, "
                          "or calibrate the new set with `ensemble calibrate`")
     first = load_model_file(paths[0])
     p = dict(first["config"]["predict"])

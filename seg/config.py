@@ -40,6 +40,9 @@ DEFAULTS: dict = {
         "val_n": 192, "val_seed": 12345, "val_dir": None, "metric": "score", "early_stopping": 0, "ema": 0.0,
         "workers": 0, "seed": 0, "seeds": 1, "jobs": 0, "device": "auto", "amp": True, "out": "runs/part1",
         "synth_dir": None,
+        # `seg train` also fits this baseline beside the segmenter and calibrates the two as one hybrid, the run
+        # folder's ensemble.json (README: "The default method from one command"); none: the segmenter alone
+        "partner": "patchcore",
     },
     "baseline": {
         "backbone": "tf_efficientnet_lite0", "weights": "lite", "n_train": 300, "seed": 0,
@@ -70,6 +73,7 @@ CHOICES = {
     "train.metric": ("score", "dice", "iou", "loss"), "predict.tta": ("none", "flip", "d4"),
     "predict.merge": ("mean", "vote"),
     "synth.sizes": ("uniform", "log"),
+    "train.partner": ("none", "padim", "patchcore", "ssim_ae"),
 }
 PER_MODEL = ("predict.tta",)  # also a comma-separated list of choices, one per model of an ensemble (d4,flip)
 

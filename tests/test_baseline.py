@@ -332,7 +332,7 @@ def test_the_autoencoder_keeps_float32_under_mixed_precision_and_a_bad_batch_nev
 
 def test_seg_train_fits_a_baseline_from_the_command_line(ok_dir, tmp_path):
     """`model.arch: padim` in `seg train` (the `import baseline` in the CLI registers it): a run folder whose best.pt
-    predicts, calibrated at the end like any model."""
+    predicts, calibrated at the end like any model; a baseline gets no partner (`train.partner`, on by default)."""
     from typer.testing import CliRunner
 
     import cli
@@ -345,3 +345,6 @@ def test_seg_train_fits_a_baseline_from_the_command_line(ok_dir, tmp_path):
     assert "nothing to learn by gradient" in r.output
     ckpt = load_model_file(tmp_path / "run" / "best.pt")
     assert ckpt["config"]["model"]["arch"] == "padim" and "calibration" in ckpt and len(ckpt["rows"]) == 1
+    assert ckpt["config"]["train"]["partner"] == "patchcore"  # the default, and still:
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["best.pt", "last.pt"]
+    assert not (tmp_path / "run" / "ensemble.json").exists()

@@ -198,7 +198,7 @@ def test_generate_killed_at_random_moments_resumes_to_the_same_bytes(ok_dir, tmp
 TRAIN = ["-s", "synth.size=64", "-s", "model.arch=unet", "-s", "model.weights=none",
          "-s", "model.decoder_channels=[16,16,8,8,8]", "-s", "train.steps_per_epoch=3", "-s", "train.batch_size=4",
          "-s", "train.val_n=8", "-s", "train.epochs=3", "-s", "calibrate.normal_crops=16",
-         "-s", "calibrate.synth_n=16"]
+         "-s", "calibrate.synth_n=16", "-s", "train.partner=none"]
 
 
 @pytest.mark.faults
@@ -354,11 +354,14 @@ def test_seeds_trained_side_by_side_equal_seeds_trained_one_after_the_other(ok_d
 def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_dir, tmp_path):
     """By the config key (train.seeds, which configs/*.yaml set and --seeds overrides); the run folder then
     stands for its seeds' files (`-m FOLDER`): calibrated as one ensemble, never predicted uncalibrated."""
-    from core.modelfile import model_paths
+    from core.modelfile import model_paths, spec_checkpoints
 
     args = ["seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.epochs=1", "-s", "train.seed=3",
             "-s", "train.seeds=2", "-o", tmp_path / "run"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ensemble.json").write_text("{}")  # an earlier run's: a run afresh removes it
     run_ok(cli(*args))
+    assert not (tmp_path / "run" / "ensemble.json").exists()  # train.partner none (TRAIN): no hybrid
     files = [load_model_file(tmp_path / "run" / f"seed{s}" / "best.pt") for s in (3, 4)]
     assert [f["config"]["train"]["seed"] for f in files] == [3, 4]
     assert [f["config"]["train"]["seeds"] for f in files] == [1, 1]  # each file: one model of one seed
@@ -374,10 +377,72 @@ def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_d
     assert not (tmp_path / "pred").exists()
     run_ok(cli("ensemble", "calibrate", "-m", run, "-o", tmp_path / "ens.json"))
     spec = read_json_file(tmp_path / "ens.json")
-    assert spec["checkpoints"] == model_paths([run])
+    assert spec_checkpoints(spec, tmp_path / "ens.json") == model_paths([run])
     assert len(spec["params"]["shape"]) == 2  # each seed's own threshold: masks trimmed to where both agree
     from ensemble.models import build_ensemble
 
     one = run / "seed3" / "best.pt"  # a TTA per -m: a run folder of seeds gives its mode to each of its models
     ens, _ = build_ensemble([run, one], None, "d4,flip", None, None, None, {}, "cpu", calibrating=True)
     assert ens.tta_mode == "d4,d4,flip" and len(ens.models) == 3
+
+
+def test_seg_train_makes_the_default_hybrid_and_its_run_folder_predicts_with_it(ok_dir, tmp_path):
+    """`train.partner` (PatchCore by default): `seg train` alone fits the partner as `baseline fit` would (the same
+    bank) and calibrates the two as one, the run folder's ensemble.json with its files relative to it; `-m FOLDER`
+    then predicts with that hybrid, exactly as `-e ensemble.json` does, also from a copy of the folder elsewhere;
+    the run's best.pt alone stays the segmenter alone, with a note naming the ensemble."""
+    import shutil
+
+    small = ["-s", "baseline.n_train=16", "-s", "baseline.weights=none"]
+    run = tmp_path / "run"
+    r = subprocess.run(cli("seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.partner=patchcore",
+                           *small, "-o", run), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"predict with it: ensemble predict -m {run}" in " ".join((r.stdout + r.stderr).split())
+    spec = read_json_file(run / "ensemble.json")
+    assert spec["checkpoints"] == ["best.pt", "patchcore.pt"] and spec["relative"] is True
+    assert len(spec["norms"]) == 2 and len(spec["params"]["shape"]) == 2 and spec["tta"] == "flip"
+    partner = load_model_file(run / "patchcore.pt")
+    assert partner["config"]["model"]["arch"] == "patchcore" and partner["calibration"] is not None
+    before = (run / "patchcore.pt").read_bytes()
+    (run / "ensemble.json").unlink()
+    run_ok(cli("seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.partner=patchcore", *small,
+               "--resume", "-o", run))  # a finished run resumed: the partner kept, the ensemble made again
+    assert (run / "patchcore.pt").read_bytes() == before and read_json_file(run / "ensemble.json") == spec
+    run_ok(cli("baseline", "fit", "--method", "patchcore", "-s", f"data.ok_dir={ok_dir}", *TRAIN, *small,
+               "-o", tmp_path / "pc.pt"))
+    bank = load_model_file(tmp_path / "pc.pt")["model"]
+    assert partner["model"].keys() == bank.keys() and all(torch.equal(partner["model"][k], bank[k]) for k in bank)
+
+    tc = write_test_crops(tmp_path / "TC", 6)
+    for name, how in (("folder", ["-m", run]), ("spec", ["-e", run / "ensemble.json"])):
+        run_ok(cli("ensemble", "predict", *how, "--images", tc, "-o", tmp_path / name))
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)
+    run_ok(cli("ensemble", "predict", "-m", moved, "--images", tc, "-o", tmp_path / "moved"))
+    masks = {n: {f.name: cv2.imread(str(f), 0) for f in sorted((tmp_path / n / "masks").iterdir())}
+             for n in ("folder", "spec", "moved")}
+    assert len(masks["folder"]) == 6 and all(np.array_equal(masks["folder"][k], masks[n][k])
+                                             for n in ("spec", "moved") for k in masks["folder"])
+    assert read_json_file(tmp_path / "moved" / "predict.json")["checkpoints"] == [
+        str(moved / "best.pt"), str(moved / "patchcore.pt")]
+    r = subprocess.run(cli("ensemble", "predict", "-m", moved / "best.pt", "--images", tc, "-o", tmp_path / "alone"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"its run's default is {moved / 'ensemble.json'}" in " ".join(r.stderr.split())
+    assert read_json_file(tmp_path / "alone" / "predict.json")["checkpoints"] == [str(moved / "best.pt")]
+
+
+def test_a_partner_that_fails_only_warns_and_leaves_the_segmenter(ok_dir, tmp_path):
+    """A partner that cannot be built (here an unknown backbone) costs the hybrid, in one line, not the trained
+    segmenter: exit 0, best.pt calibrated, no ensemble.json, no traceback."""
+    run = tmp_path / "run"
+    r = subprocess.run(cli("seg", "train", "-s", f"data.ok_dir={ok_dir}", *TRAIN, "-s", "train.partner=patchcore",
+                           "-s", "baseline.backbone=no_such_backbone", "-s", "baseline.weights=none", "-o", run),
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = " ".join(r.stderr.split())
+    assert f"{run}: no hybrid with patchcore" in said and "baseline.backbone" in said and f"-m {run}" in said
+    assert "Traceback" not in r.stderr + r.stdout
+    assert load_model_file(run / "best.pt")["calibration"] is not None and not (run / "ensemble.json").exists()

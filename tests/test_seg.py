@@ -29,6 +29,11 @@ def test_the_config_accepts_every_registered_arch_and_no_other():
     from seg.config import CHOICES
 
     assert CHOICES["model.arch"] == tuple(ARCHS)
+    from baseline.fit import METHODS
+
+    assert CHOICES["train.partner"] == ("none", *METHODS)  # `seg train`'s partner: any baseline, or none
+    with pytest.raises(InputError, match="train.partner"):
+        load_config(None, ["train.partner=unet"])
     with pytest.raises(InputError, match="model.arch"):
         load_config(None, ["model.arch=segformer"])
 
@@ -344,7 +349,8 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
 
 
 TINY = ["synth.size=64", "model.arch=unet", "model.weights=none", "model.decoder_channels=[16,16,8,8,8]",
-        "train.steps_per_epoch=2", "train.batch_size=2", "train.val_n=4", "train.epochs=2"]
+        "train.steps_per_epoch=2", "train.batch_size=2", "train.val_n=4", "train.partner=none",
+        "train.epochs=2"]
 
 
 @pytest.mark.parametrize("source", ["on-the-fly", "folder"])
