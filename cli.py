@@ -434,7 +434,8 @@ def seg_convert(
 CkptOpt = typer.Option(None, "--checkpoint", "-m", help="A model file, or a `seg train` run folder: its best.pt, or "
                        "every seed's; given alone to predict, probe or export, its ensemble.json (the segmenter "
                        "with its partner) when it has one. Repeatable: an ensemble.")
-EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `ensemble calibrate`.")
+EnsOpt = typer.Option(None, "--ensemble", "-e", help="ensemble.json written by `ensemble calibrate` (or by `seg "
+                       "train` in its run folder).")
 
 
 def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overrides: dict, device="auto",
