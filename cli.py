@@ -277,15 +277,15 @@ def seg_train(
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 alone goes on
             return
         partner = cfg["train"]["partner"] if cfg["model"]["arch"] not in METHODS else "none"  # a baseline: none
-        why = None
-        if partner != "none" and not calibrate:
-            why = "--no-calibrate (a hybrid is calibrated as one)"
-        elif partner != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            why = f"a baseline fits in one process; `seg train --resume -o {base}` without torchrun adds it"
-        if partner != "none" and why is None and _with_partner(cfg, base, partner, resume, len(runs)):
+        if partner == "none":
+            pass
+        elif not calibrate:
+            warn(f"no {partner} partner: --no-calibrate (a hybrid is calibrated as one)")
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            warn(f"no {partner} partner: a baseline fits in one process; `seg train --resume -o {base}` without "
+                 "torchrun adds it")
+        elif _with_partner(cfg, base, partner, resume, len(runs)):
             return
-        if why:
-            warn(f"no {partner} partner: {why}")
         if len(runs) > 1:
             console.print(f"{len(runs)} models in {base}; as one hybrid with PatchCore: ensemble calibrate -m {base} "
                           "-m PATCHCORE.pt --tta flip -o hybrid.json")
@@ -316,8 +316,7 @@ def _with_partner(cfg: dict, base: Path, partner: str, resume: bool, n_seeds: in
         ens, p = build_ensemble([base, pfile], None, None, None, None, None, {}, cfg["train"]["device"],
                                 calibrating=True)
         with progress_to(Bar):
-            report = calibrate_ensemble_file(ens, load_model_file(ens.paths[0])["config"], p, base / RUN_ENSEMBLE,
-                                             warn=warn)
+            report = calibrate_ensemble_file(ens, ens.member_configs[0], p, base / RUN_ENSEMBLE, warn=warn)
     except Exception as e:  # noqa: BLE001 (the segmenter trained fine: a failure of its partner only warns)
         alone = f"-m {base}" if n_seeds == 1 else f"ensemble calibrate -m {base} -o ensemble.json"
         warn(f"{base}: no hybrid with {partner} ({type(e).__name__}: {str(e)[:200]}); the segmenter alone: {alone}")
@@ -567,7 +566,6 @@ def ensemble_calibrate(
     pixel threshold and min_area from synthetic defects on them (or everything from labelled real crops). The crops
     that set it are drawn in <out>_calibration.png. An ensemble of calibrated model files decides with the merged
     map and outlines where its models agree (--no-shape: the merged map's own outline)."""
-    from core.modelfile import load_model_file
     from core.progress import progress_to
     from ensemble.calibrate import calibrate_ensemble_file
     from ensemble.evaluate import has_ground_truth, load_ground_truth
@@ -576,7 +574,7 @@ def ensemble_calibrate(
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {"peak_frac": peak_frac},
                                 device, calibrating=True)
-        cfg = load_model_file(ens.paths[0])["config"]
+        cfg = copy.deepcopy(ens.member_configs[0])  # the first model's, as it was made (set below, not in place)
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
         if shape is not None:
@@ -609,7 +607,6 @@ def ensemble_probe(
     """What a calibrated model catches, from OK images alone: plain spots and lines (along the texture and across
     it) of several sizes and contrasts drawn on held-out OK crops, each judged as `ensemble predict` would. The
     share caught per cell, against the false alarms on the same crops bare, in probe.md and probe.png."""
-    from core.modelfile import load_model_file
     from ensemble.calibrate import calibration_pools
     from ensemble.models import run_default
     from ensemble.probe import SIZES, cells, run_probe, write_report
@@ -627,13 +624,12 @@ def ensemble_probe(
         levels = sorted(set(levels))
         checkpoint, ensemble_file = run_default(checkpoint, ensemble_file)  # a run folder: its ensemble, if any
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, None, None, None, {}, device)
-        first = load_model_file(ens.paths[0])
-        if ensemble_file is None and (len(ens.paths) > 1 or first.get("calibration") is None):
+        if ensemble_file is None and (len(ens.paths) > 1 or ens.member_calibrations[0] is None):
             what = f"{len(ens.paths)} models without an ensemble.json" if len(ens.paths) > 1 else \
                 f"{ens.paths[0]} carries no calibration"
             raise InputError(f"{what}: the probe measures a calibrated operating point; run `ensemble calibrate` "
                              "and give its file with -e")
-        cfg = first["config"]
+        cfg = copy.deepcopy(ens.member_configs[0])
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
         pool, held_out = calibration_pools(cfg, warn)

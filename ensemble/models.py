@@ -103,6 +103,7 @@ class Ensemble:
         self.tta_mode = modes[0] if len(set(modes)) == 1 else ",".join(modes)
         self.batch_size, self.overlap = batch_size, tile_overlap
         self.member_calibrations: list[dict | None] | None = None  # set by `from_checkpoints`
+        self.member_configs: list[dict] | None = None  # the config each file was made with (`from_checkpoints`)
         self.whole = window > 0 and all(getattr(m, "fully_convolutional", False) for m in self.models)
         self.window = max(window // STRIDE * STRIDE, tile) if window > 0 else 0
         self.set_norms(norms)
@@ -135,6 +136,7 @@ class Ensemble:
         kw.setdefault("norms", [cal["norm"] if cal else None for _, _, cal in loaded])
         ens = cls([m for m, _, _ in loaded], chans.pop(), tile, device, paths=checkpoints, **kw)
         ens.member_calibrations = [cal for _, _, cal in loaded]  # each file's own operating point (ens. calibrate)
+        ens.member_configs = [c for _, c, _ in loaded]
         return ens
 
     @torch.no_grad()
