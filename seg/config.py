@@ -58,9 +58,10 @@ DEFAULTS: dict = {
     },
     # operating point chosen from OK images only: real normal crops of the held-out OK images fix the image
     # threshold at `target_overkill`; synthetic defects on those images fix the pixel threshold and min_area
-    # an ensemble's flagged masks trimmed to where its models agree, each at its own calibrated threshold
+    # an ensemble's flagged masks trimmed to where its models agree, each at its own calibrated threshold;
+    # spend_budget: only points where the image threshold at the budget decides (README, "Spending the budget")
     "calibrate": {"target_overkill": 0.05, "normal_crops": 256, "synth_n": 256, "seed": 4242,
-                  "balance_sizes": False, "shape": True},
+                  "balance_sizes": False, "shape": True, "spend_budget": True},
 }
 
 CHOICES = {

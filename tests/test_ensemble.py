@@ -331,6 +331,57 @@ def test_target_false_alarm_rate_is_met_on_unseen_normal_crops():
         assert np.mean(flagged) <= 0.17 and np.mean(found) >= 0.9
 
 
+class Graded(nn.Module):
+    """Smooth noise plus a response that grows with how far a pixel is above the bright end of the texture: a
+    faint defect gets a weak response, a strong one a strong response."""
+
+    def forward(self, x):
+        g = torch.Generator().manual_seed(int(x.sum() * 1000) % (2**31))
+        noise = torch.nn.functional.avg_pool2d(torch.randn(x[:, :1].shape, generator=g), 5, 1, 2) * 3
+        return {"mask": noise + 25 * torch.relu(x[:, :1] - 0.7), "image": None}
+
+
+def spot(seed: int, level: int = 0, radius: int = 7):
+    """A `textured` crop with a round spot of grey `level` (0: none) and its mask."""
+    img, m = textured(seed, h=128, w=128).copy(), np.zeros((128, 128), np.uint8)
+    if level:
+        rng = np.random.default_rng(seed)
+        cv2.circle(m, (int(rng.integers(20, 108)), int(rng.integers(20, 108))), radius, 1, -1)
+        img[m > 0] = level
+    return img, m
+
+
+def test_spending_the_false_alarm_budget_finds_defects_fainter_than_the_synthetic_ones():
+    normal = [spot(i)[0] for i in range(100)]
+    syn = [spot(2000 + i, 235) for i in range(30)]  # strong and large: caught at any sensible threshold
+    syn = ([s[0] for s in syn], [s[1] for s in syn])
+    unseen = [spot(1000 + i)[0] for i in range(200)]
+    faint = [spot(3000 + i, 200, 2)[0] for i in range(60)]  # small and faint: the "real" defects
+    out = {}
+    for spend in (False, True):
+        ens = Ensemble([Graded()], 1, 128, "cpu", "none")
+        rep = calibrate(ens, normal, syn, PARAMS, target_overkill=0.05, spend_budget=spend)
+        judged = [[final_mask(r["map"], r["image"], rep["params"]).any() for r in ens.predict(crops)]
+                  for crops in (unseen, faint, syn[0])]
+        out[spend] = (rep["report"]["normal_overkill"],) + tuple(float(np.mean(j)) for j in judged)
+    (kept, kept_fa, kept_found, kept_syn), (spent, spent_fa, spent_found, spent_syn) = out[False], out[True]
+    assert kept == kept_fa == kept_found == 0  # the budget left unspent: no false alarm, and every faint defect escapes
+    assert 0 < spent <= 0.05 and spent_fa <= 0.1  # spent on the held-out crops, and about as much on unseen ones
+    assert spent_found >= 0.3 and kept_syn == spent_syn == 1.0
+
+
+def test_spending_the_budget_falls_back_to_the_whole_grid_when_no_point_spends_it():
+    from ensemble.calibrate import operating_point
+
+    ens = Ensemble([Graded()], 1, 128, "cpu", "none")
+    normal = ens.predict([spot(i)[0] for i in range(20)])
+    images, masks = zip(*[spot(2000 + i, 235) for i in range(8)])
+    synthetic = ens.predict(list(images))
+    blind = ([np.zeros((128, 128), np.uint8)] * 20, None)  # an ROI that leaves every normal crop empty
+    args = (normal, synthetic, list(masks), ens.rehit, 0, 0.05, blind)
+    assert operating_point(*args, spend_budget=True) == operating_point(*args) is not None
+
+
 def test_threshold_at_rate_flags_at_most_the_rate():
     ev = np.array([5.0, 4.0, 4.0, 3.0, -np.inf, 1.0, 0.5, 0.2, 0.1, 0.0])
     nonempty = np.isfinite(ev)
