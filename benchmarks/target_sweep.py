@@ -58,7 +58,8 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
     out = {b: [] for b in balances}
     for balance in out:
         for t in targets:
-            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance, gates_s)
+            best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance, gates_s,
+                                   c.get("spend_budget", False))  # as the model's own calibration searched
             p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
                  "min_area": best["min_area"], "opening": 0, "peak_frac": cfg["predict"].get("peak_frac", 0.0)}
             pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]), gate=g)
