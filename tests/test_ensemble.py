@@ -300,13 +300,14 @@ class Noisy(nn.Module):
         return {"mask": m, "image": m.amax((1, 2, 3))[:, None] if self.head else None}
 
 
-def spotted(seed: int, defect: bool):
+def spotted(seed: int, defect: bool, level: int = 235, radius: int = 7):
+    """A `textured` crop, with a round spot of grey `level` when `defect`, and its mask."""
     img = textured(seed, h=128, w=128).copy()
     m = np.zeros((128, 128), np.uint8)
     if defect:
         rng = np.random.default_rng(seed)
-        cv2.circle(m, (int(rng.integers(20, 108)), int(rng.integers(20, 108))), 7, 1, -1)
-        img[m > 0] = 235
+        cv2.circle(m, (int(rng.integers(20, 108)), int(rng.integers(20, 108))), radius, 1, -1)
+        img[m > 0] = level
     return img, m
 
 
@@ -341,22 +342,12 @@ class Graded(nn.Module):
         return {"mask": noise + 25 * torch.relu(x[:, :1] - 0.7), "image": None}
 
 
-def spot(seed: int, level: int = 0, radius: int = 7):
-    """A `textured` crop with a round spot of grey `level` (0: none) and its mask."""
-    img, m = textured(seed, h=128, w=128).copy(), np.zeros((128, 128), np.uint8)
-    if level:
-        rng = np.random.default_rng(seed)
-        cv2.circle(m, (int(rng.integers(20, 108)), int(rng.integers(20, 108))), radius, 1, -1)
-        img[m > 0] = level
-    return img, m
-
-
 def test_spending_the_false_alarm_budget_finds_defects_fainter_than_the_synthetic_ones():
-    normal = [spot(i)[0] for i in range(100)]
-    syn = [spot(2000 + i, 235) for i in range(30)]  # strong and large: caught at any sensible threshold
+    normal = [spotted(i, False)[0] for i in range(100)]
+    syn = [spotted(2000 + i, True) for i in range(30)]  # strong and large: caught at any sensible threshold
     syn = ([s[0] for s in syn], [s[1] for s in syn])
-    unseen = [spot(1000 + i)[0] for i in range(200)]
-    faint = [spot(3000 + i, 200, 2)[0] for i in range(60)]  # small and faint: the "real" defects
+    unseen = [spotted(1000 + i, False)[0] for i in range(200)]
+    faint = [spotted(3000 + i, True, 200, 2)[0] for i in range(60)]  # small and faint: the "real" defects
     out = {}
     for spend in (False, True):
         ens = Ensemble([Graded()], 1, 128, "cpu", "none")
@@ -374,8 +365,8 @@ def test_spending_the_budget_falls_back_to_the_whole_grid_when_no_point_spends_i
     from ensemble.calibrate import operating_point
 
     ens = Ensemble([Graded()], 1, 128, "cpu", "none")
-    normal = ens.predict([spot(i)[0] for i in range(20)])
-    images, masks = zip(*[spot(2000 + i, 235) for i in range(8)])
+    normal = ens.predict([spotted(i, False)[0] for i in range(20)])
+    images, masks = zip(*[spotted(2000 + i, True) for i in range(8)])
     synthetic = ens.predict(list(images))
     blind = ([np.zeros((128, 128), np.uint8)] * 20, None)  # an ROI that leaves every normal crop empty
     args = (normal, synthetic, list(masks), ens.rehit, 0, 0.05, blind)
