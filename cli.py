@@ -510,6 +510,9 @@ def ensemble_predict(
     peak_frac: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="A flagged mask's components cut to "
                                               "the pixels this share of the way from the pixel threshold to their "
                                               "peak; 0 = off (default: the model's, predict.peak_frac, 0.5)."),
+    median_base: Optional[bool] = typer.Option(None, "--median-base/--no-median-base", help="Measure that height "
+                                               "from the image's median map value where it lies above the pixel "
+                                               "threshold (default: the model's, predict.median_base, on)."),
     roi: Optional[str] = typer.Option(None, help="Region of interest: a mask image applied to every image, or "
                                       "'auto' (each image's bright part). Default: predict.roi of the config."),
     zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
@@ -527,7 +530,7 @@ def ensemble_predict(
 
     with user_errors():
         overrides = {"threshold": threshold, "image_threshold": image_threshold, "min_area": min_area,
-                     "opening": opening, "window": window, "peak_frac": peak_frac}
+                     "opening": opening, "window": window, "peak_frac": peak_frac, "median_base": median_base}
         if backend == "onnx":
             ens, p = onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, overrides)
         elif backend == "torch":
@@ -559,6 +562,13 @@ def ensemble_calibrate(
     peak_frac: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Cut each flagged mask's components "
                                               "at this share of their height above the pixel threshold, 0 = off "
                                               "(default: predict.peak_frac of the first model, 0.5)."),
+    median_base: Optional[bool] = typer.Option(None, "--median-base/--no-median-base", help="Measure that height "
+                                               "from the image's median map value where it lies above the pixel "
+                                               "threshold (default: predict.median_base of the first model, on)."),
+    spend_budget: Optional[bool] = typer.Option(None, "--spend-budget/--no-spend-budget", help="Search only "
+                                                "operating points where the image threshold at the false-alarm "
+                                                "budget decides (default: calibrate.spend_budget of the first "
+                                                "model; on for files made since it exists)."),
     data: Optional[Path] = DataOpt,
     device: str = typer.Option("auto"),
 ):
@@ -572,13 +582,15 @@ def ensemble_calibrate(
     from core.io import read_image
 
     with user_errors():
-        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, {"peak_frac": peak_frac},
-                                device, calibrating=True)
+        ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight,
+                                {"peak_frac": peak_frac, "median_base": median_base}, device, calibrating=True)
         cfg = copy.deepcopy(ens.member_configs[0])  # the first model's, as it was made (set below, not in place)
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
         if shape is not None:
             cfg["calibrate"]["shape"] = shape
+        if spend_budget is not None:
+            cfg["calibrate"]["spend_budget"] = spend_budget
         labelled = None
         if val_dir is not None:
             if not has_ground_truth(val_dir):
@@ -692,9 +704,9 @@ def baseline_predict(
     """Same outputs as `ensemble predict` (the same code path), from a baseline's anomaly maps."""
     ensemble_predict(out=out, checkpoint=model, ensemble_file=ensemble_file, images=images, part=part, data=data,
                      tta="none", merge=None, vote_k=None, weight=None, threshold=threshold,
-                     image_threshold=image_threshold, min_area=min_area, opening=None, peak_frac=None, roi=None,
-                     zip_prefix=None,
-                     overlays="defective", window=None, device=device, backend="torch")
+                     image_threshold=image_threshold, min_area=min_area, opening=None, peak_frac=None,
+                     median_base=None, roi=None, zip_prefix=None, overlays="defective", window=None, device=device,
+                     backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------ bench

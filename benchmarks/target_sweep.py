@@ -61,7 +61,8 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
             best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance, gates_s,
                                    c.get("spend_budget", False))  # as the model's own calibration searched
             p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
-                 "min_area": best["min_area"], "opening": 0, "peak_frac": cfg["predict"].get("peak_frac", 0.0)}
+                 "min_area": best["min_area"], "opening": 0, "peak_frac": cfg["predict"].get("peak_frac", 0.0),
+                 "median_base": cfg["predict"].get("median_base", False)}
             pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]), gate=g)
                     for r, g in zip(res_t, gates_t)]
             out[balance].append(competition_score(pred, gt)["score"])

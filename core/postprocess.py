@@ -54,9 +54,11 @@ def decide(mask: np.ndarray, amap: np.ndarray, image: float | None, image_thresh
     return bool(mask.any()) and evidence(mask, amap, image) >= image_threshold
 
 
-def peak_cut(labels: np.ndarray, n: int, amap: np.ndarray, threshold: float, frac: float) -> np.ndarray:
+def peak_cut(labels: np.ndarray, n: int, amap: np.ndarray, threshold: float, frac: float,
+             outline: float | None = None) -> np.ndarray:
     """The pixels of labelled components (`labels` 1..n-1, 0 = background) at least `frac` of the way from their
-    base to their peak: base = the threshold, or the component's lowest value where a vote's hits lie below it.
+    base to their peak: base = the threshold, or the component's lowest value where a vote's hits lie below it;
+    `outline` (above the threshold): the base of each component whose peak reaches it (see `outline_level`).
     NaN pixels are ignored; a component without a finite height is kept whole. Boolean, the labels' shape."""
     flat, vals = labels.ravel(), amap.ravel().astype(np.float64)
     peak, low = np.full(n, -np.inf), np.full(n, np.inf)
@@ -64,21 +66,27 @@ def peak_cut(labels: np.ndarray, n: int, amap: np.ndarray, threshold: float, fra
     np.fmin.at(low, flat, vals)
     with np.errstate(invalid="ignore"):
         base = np.minimum(threshold, low)
+        if outline is not None and outline > threshold:
+            base = np.where(peak >= outline, outline, base)
         floor = base + frac * (peak - base)
         floor = np.where(np.isfinite(floor), np.minimum(floor, peak), -np.inf)
         return (labels > 0) & ((amap >= floor[labels]) | (floor[labels] == -np.inf))
 
 
-def to_peak(mask: np.ndarray, amap: np.ndarray, threshold: float, frac: float) -> np.ndarray:
+def to_peak(mask: np.ndarray, amap: np.ndarray, threshold: float, frac: float,
+            outline: float | None = None) -> np.ndarray:
     """Each connected component of `mask` cut to the pixels at least `frac` of the way from the pixel threshold to
     the component's peak (0: the mask as it is; 0.5: the component at half its height above the threshold). A
     threshold that must catch faint defects draws a strong defect's broad halo of evidence (a feature distance
     spreads over the backbone's receptive field) into its mask; a cut relative to each component's own peak does
-    not depend on how strong the defect is. The peak pixel always stays, so no component is lost (`peak_cut`)."""
-    if not frac or not mask.any():
+    not depend on how strong the defect is. The peak pixel always stays, so no component is lost (`peak_cut`).
+    `outline`: a level above `threshold` (`outline_level`): a component whose peak reaches it is measured from it
+    instead; a component below it keeps its cut from `threshold`."""
+    above = outline is not None and outline > threshold
+    if (not frac and not above) or not mask.any():
         return mask
     n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-    return peak_cut(labels, n, amap, threshold, frac).astype(np.uint8)
+    return peak_cut(labels, n, amap, threshold, frac, outline if above else None).astype(np.uint8)
 
 
 def agreement(per_model: np.ndarray | None, shape) -> np.ndarray | None:
@@ -104,11 +112,25 @@ def shaped(mask: np.ndarray, gate: np.ndarray | None, min_area: int) -> np.ndarr
     return cut if cut.any() else mask
 
 
+def outline_level(amap: np.ndarray, p: dict) -> float | None:
+    """With `p["median_base"]`, the image's own median map value: where it lies above the pixel threshold, the
+    flagged components whose peak reaches it are measured from it (`to_peak`'s `outline`). Where half an image's
+    map or more lies above the threshold (its background has drifted from the held-out normal crops'), the
+    threshold is no base for an outline: measured from it, a defect's component spreads over the background and
+    its cut keeps the background's texture. None: measured from the threshold (off, or a map without a finite
+    value); an image whose median lies below the threshold (the usual one) is cut as without it."""
+    if not p.get("median_base") or not np.isfinite(amap).any():
+        return None
+    return float(np.nanmedian(np.where(np.isfinite(amap), amap, np.nan)))
+
+
 def flagged_outline(mask: np.ndarray, amap: np.ndarray, p: dict, gate: np.ndarray | None = None) -> np.ndarray:
     """What the post-processed mask of a crop judged defective becomes: cut towards each component's peak
-    (`to_peak`, `p["peak_frac"]`, absent: 0), then, with an ensemble's `agreement` (`gate`), trimmed to where its
-    models agree (`shaped`). Neither changes the decision."""
-    return shaped(to_peak(mask, amap, p["threshold"], p.get("peak_frac", 0.0)), gate, p["min_area"])
+    (`to_peak`, `p["peak_frac"]`, absent: 0), measured from `outline_level` for the components that reach it
+    (`p["median_base"]`, absent: off), then, with an ensemble's `agreement` (`gate`), trimmed to where its models
+    agree (`shaped`). None of it changes the decision."""
+    cut = to_peak(mask, amap, p["threshold"], p.get("peak_frac", 0.0), outline_level(amap, p))
+    return shaped(cut, gate, p["min_area"])
 
 
 def final_mask(amap: np.ndarray, image: float | None, p: dict, roi: np.ndarray | None = None,

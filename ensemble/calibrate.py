@@ -27,7 +27,7 @@ import torch
 from core.io import write_json, write_png
 from core.progress import task
 from core.modelfile import load_model_file, relative_checkpoints, set_calibration
-from core.postprocess import agreement, decide, evidence, flagged_outline, peak_cut, postprocess
+from core.postprocess import agreement, decide, evidence, flagged_outline, outline_level, peak_cut, postprocess
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -135,12 +135,14 @@ class _Components:
     """One image's post-processed mask at a pixel threshold, before `min_area`: its connected components with
     their sizes, the peak of the map in each and (with ground truth) their overlap with it, so every `min_area`
     of the search is a cheap selection instead of another pass of `postprocess`. The overlap is that of each
-    component cut towards its peak (`peak_frac`, see `core.postprocess.to_peak`), as a flagged mask is. With an
-    ensemble's agreement (`gate`, see `core.postprocess.shaped`), also the components of that mask cut to it, each
-    with its parent component: the IoU is then that of the shaped mask, as `final_mask` makes it."""
+    component cut towards its peak (`peak_frac`, see `core.postprocess.to_peak`; measured from `level`, the
+    image's `core.postprocess.outline_level`, where that lies above `thr`), as a flagged mask is. With an ensemble's
+    agreement (`gate`, see `core.postprocess.shaped`), also the components of that mask cut to it, each with its
+    parent component: the IoU is then that of the shaped mask, as `final_mask` makes it."""
 
     def __init__(self, r: dict, hits: np.ndarray, opening: int, roi, gt: np.ndarray | None,
-                 gate: np.ndarray | None = None, thr: float = 0.0, peak_frac: float = 0.0):
+                 gate: np.ndarray | None = None, thr: float = 0.0, peak_frac: float = 0.0,
+                 level: float | None = None):
         mask = postprocess(r["map"], 0.0, 0, opening, roi, hits)
         self.head = r["image"]
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -152,7 +154,9 @@ class _Components:
         self.inter = self.cut = None
         if gt is not None:
             g = gt.ravel() > 0
-            body = (peak_cut(labels, n, r["map"], thr, peak_frac) if peak_frac else labels > 0).ravel()
+            level = level if level is not None and level > thr else None
+            body = (peak_cut(labels, n, r["map"], thr, peak_frac, level) if peak_frac or level is not None
+                    else labels > 0).ravel()
             self.body = np.bincount(flat[body], minlength=n)[1:]  # each component's size after the cut
             self.inter = np.bincount(flat[body], weights=g[body], minlength=n)[1:]
             self.gt_area = float(g.sum())
@@ -182,13 +186,15 @@ class _Components:
 
 
 def _sweep_areas(results, rehit: Callable, thr: float, opening: int, rois=None, gt=None, gates=None,
-                 peak_frac: float = 0.0):
-    """For every `min_area` of the grid: (non-empty flags, evidences, IoUs or None) at pixel threshold `thr`."""
+                 peak_frac: float = 0.0, levels=None):
+    """For every `min_area` of the grid: (non-empty flags, evidences, IoUs or None) at pixel threshold `thr`.
+    `levels`: each image's `core.postprocess.outline_level` (None: none)."""
     rois = rois if rois is not None else [None] * len(results)
     gts = gt if gt is not None else [None] * len(results)
     gates = gates if gates is not None else [None] * len(results)
-    comps = [_Components(r, rehit(r, thr), opening, roi, g, a, thr, peak_frac)
-             for r, roi, g, a in zip(results, rois, gts, gates)]
+    levels = levels if levels is not None else [None] * len(results)
+    comps = [_Components(r, rehit(r, thr), opening, roi, g, a, thr, peak_frac, v)
+             for r, roi, g, a, v in zip(results, rois, gts, gates, levels)]
     out = {}
     for area in MIN_AREAS:
         sel = [c.select(area) for c in comps]
@@ -259,20 +265,22 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
 
 def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
                      rois: list | None = None, extra_thresholds: Sequence[float] = (),
-                     gates: list | None = None, peak_frac: float = 0.0) -> dict:
+                     gates: list | None = None, peak_frac: float = 0.0, median_base: bool = False) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
     themselves for the oracle that measures calibration loss: then it reports, it chooses nothing). `gates`: each
     image's agreement mask when the ensemble shapes its masks (`core.postprocess.shaped`). `peak_frac`: the masks
     scored are cut towards each component's peak (`core.postprocess.to_peak`), as prediction cuts them (fixed, not
-    searched)."""
+    searched); `median_base`: measured from each image's median where it lies above the threshold, as prediction
+    measures them (`core.postprocess.outline_level`)."""
     labels = np.array([g.any() for g in gt])
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
     maps = [r["map"] for r in results]
     cands = np.unique(np.r_[candidate_thresholds(_pool(maps, gt, False), _pool(maps, gt, True)),
                             np.asarray(extra_thresholds, np.float64)])
+    levels = [outline_level(m, {"median_base": median_base}) for m in maps]  # once: they do not depend on thr
     best = None
     for thr in cands:
-        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt, gates, peak_frac)
+        sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt, gates, peak_frac, levels)
         for area in MIN_AREAS:
             nonempty, ev, ious = sweeps[area]
             for tau in np.unique(np.r_[FLAG_ALL, ev[nonempty]]):
@@ -339,7 +347,8 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     `spend_budget`: the operating point is one where the image threshold at `target_overkill` decides (see
     `operating_point`).
     `sheet`: a PNG of what set the operating point (`calibration_sheet`; `normal_where`: the normal crops' origins,
-    for its captions). Returns {"params", "norms", "mode", "report"}; the ensemble keeps the fitted normalisers."""
+    for its captions). Returns {"params", "norms", "mode", "report", ...}; the ensemble keeps the fitted
+    normalisers."""
     if not 0 <= target_overkill < 1:
         raise ValueError(f"target_overkill: expected a rate in [0, 1), got {target_overkill}")
     if not len(normal):
@@ -348,6 +357,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
     params["roi"] = roi = defaults.get("roi")
     params["peak_frac"] = defaults.get("peak_frac", 0.0)  # absent from an older file's config: no cut
+    params["median_base"] = bool(defaults.get("median_base", False))  # absent: outlines from the threshold
     params["shape"] = member_thresholds(ens, norms) if shape else None
     if shape and params["shape"] is None and len(ens.models) > 1 and warn:
         warn("masks not trimmed to where the models agree: a model file carries no calibration of its own "
@@ -360,7 +370,8 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         images, gt = labelled
         results = predict_shown(ens, images, "labelled crops")
         best = best_on_labelled(results, list(gt), ens.rehit, params["opening"], rois_for(images, roi),
-                                gates=gates(results), peak_frac=params["peak_frac"])
+                                gates=gates(results), peak_frac=params["peak_frac"],
+                                median_base=params["median_base"])
         mode = "labelled"
     else:
         if synthetic is None or not len(synthetic[0]):
@@ -376,7 +387,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
             sheet, ens.rehit, params, (list(normal), on_normal, rois and rois[0], normal_where),
             (list(synthetic[0]), on_synthetic, rois and rois[1], list(synthetic[1])), warn=warn)
     return {"params": params, "norms": norms, "mode": mode, "target_overkill": target_overkill,
-            "normal_crops": len(normal), "report": best}
+            "spend_budget": bool(spend_budget) and mode == "ok-images", "normal_crops": len(normal), "report": best}
 
 
 def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overkill: float | None = None,
@@ -466,7 +477,8 @@ def calibrate_model_file(path: str | Path, device: str = "auto", warn=None) -> d
                                     batch_size=cfg["predict"]["batch_size"])
     out = calibrate_from_config(ens, cfg, cfg["predict"], warn=warn, sheet=sheet_path(path))
     set_calibration(path, {"norm": out["norms"][0], "params": out["params"], "tta": ens.tta_mode,
-                           "mode": out["mode"], "target_overkill": out["target_overkill"], "report": out["report"],
+                           "mode": out["mode"], "target_overkill": out["target_overkill"],
+                           "spend_budget": out["spend_budget"], "report": out["report"],
                            "held_out_images": out["held_out_images"]})
     return out
 

@@ -147,7 +147,7 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         gates = [read_mask(pred_dir / "gates" / f"{s}.png") for s in stems]
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
                             rois, [params["threshold"]] if "threshold" in params else [], gates,
-                            params.get("peak_frac", 0.0))
+                            params.get("peak_frac", 0.0), params.get("median_base", False))
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

@@ -391,6 +391,8 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
     source = spec.get("params") if spec else (cal["params"] if cal and len(paths) == 1 else None)
     if source is not None and "peak_frac" not in source:  # calibrated before the cut existed: predict as then
         p["peak_frac"] = 0.0
+    if source is not None and "median_base" not in source:  # calibrated before it existed: predict as then
+        p["median_base"] = False
     for key in ("tta", "merge", "vote_k", "weights"):
         if key in spec:
             p[key] = spec[key]

@@ -55,6 +55,8 @@ DEFAULTS: dict = {
         "merge": "mean", "vote_k": None, "weights": None, "tile_overlap": 32, "batch_size": 32, "roi": None,
         "window": 0,  # whole-image windows: measured slower than tiles on a 2-core CPU (README)
         "peak_frac": 0.5,  # a flagged mask's components cut at half their height above the threshold (README)
+        # ... their height measured from the image's median map value where that lies above the threshold (README)
+        "median_base": True,
     },
     # operating point chosen from OK images only: real normal crops of the held-out OK images fix the image
     # threshold at `target_overkill`; synthetic defects on those images fix the pixel threshold and min_area

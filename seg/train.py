@@ -92,7 +92,7 @@ def evaluate_set(model, images, masks, predict_cfg: dict, device, loss_fn=None) 
     logits, heads = predict_batches(model, images, device, predict_cfg["batch_size"])
     # the cut towards each component's peak is for real defects' broad maps: synthetic ones, which this set holds,
     # cannot judge it (README, "A flagged mask cut at half its height"), so it plays no part in choosing the model
-    predict_cfg = {**predict_cfg, "peak_frac": 0.0}
+    predict_cfg = {**predict_cfg, "peak_frac": 0.0, "median_base": False}
     pred, gt = [], []
     for i in range(len(images)):
         head = None if heads is None else float(heads[i])

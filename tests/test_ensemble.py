@@ -615,15 +615,16 @@ def test_a_flagged_mask_is_trimmed_to_where_the_models_agree_and_kept_where_only
 
 def test_the_search_scores_trimmed_masks_exactly_as_final_mask_makes_them():
     """`best_on_labelled` and the calibration search take IoUs from connected components (`_Components`): with an
-    agreement mask and with the cut towards each component's peak (`peak_frac`), alone and together, they must
-    equal the IoU of what `final_mask` writes, at every threshold and min_area."""
+    agreement mask and with the cut towards each component's peak (`peak_frac`, measured from the threshold or from
+    the map's median, `median_base`), alone and together, they must equal the IoU of what `final_mask` writes, at
+    every threshold and min_area."""
     from core.metrics import iou
-    from core.postprocess import agreement
+    from core.postprocess import agreement, outline_level
     from ensemble.calibrate import FLAG_ALL, MIN_AREAS, _Components
 
     rng = np.random.default_rng(0)
-    checked, cut_moved = 0, 0
-    for i in range(6):
+    checked, cut_moved, median_moved = 0, 0, 0
+    for i, median in zip(range(6), (False, True) * 3):
         per_model = np.stack([cv2.GaussianBlur(rng.normal(size=(64, 64)).astype(np.float32), (0, 0), 3) * 8
                               for _ in range(2)])
         gt = np.zeros((64, 64), np.uint8)
@@ -632,12 +633,13 @@ def test_the_search_scores_trimmed_masks_exactly_as_final_mask_makes_them():
         for gate in (agreement(per_model, [0.2, 0.5]), None):
             for frac in (0.0, 0.5):
                 for thr in (-0.5, 0.0, 0.5, 1.0):
+                    level = outline_level(amap, {"median_base": median})
                     comps = _Components({"map": amap, "image": None}, (amap >= thr).astype(np.uint8), 0, None, gt,
-                                        gate, thr, frac)
+                                        gate, thr, frac, level)
                     for area in MIN_AREAS:
                         nonempty, _, fast = comps.select(area)
                         p = {"threshold": thr, "image_threshold": FLAG_ALL, "min_area": area, "opening": 0,
-                             "peak_frac": frac}
+                             "peak_frac": frac, "median_base": median}
                         slow = final_mask(amap, None, p, gate=gate)
                         assert nonempty == slow.any()
                         if nonempty:
@@ -645,7 +647,9 @@ def test_the_search_scores_trimmed_masks_exactly_as_final_mask_makes_them():
                             checked += 1
                             uncut = final_mask(amap, None, {**p, "peak_frac": 0.0}, gate=gate)
                             cut_moved += int(frac > 0 and slow.sum() < uncut.sum())
-    assert checked > 200 and cut_moved > 50
+                            from_thr = final_mask(amap, None, {**p, "median_base": False}, gate=gate)
+                            median_moved += int(median and not np.array_equal(slow, from_thr))
+    assert checked > 200 and cut_moved > 50 and median_moved > 10
 
 
 def test_the_cut_towards_the_peak_takes_a_strong_defects_halo_off_its_mask():
@@ -689,6 +693,52 @@ def test_the_cut_keeps_every_component_of_a_vote_and_ignores_nan():
     cut = to_peak(hits, amap, 0.0, 0.5)
     assert cut[16, 16] == 1 and cut[16, 17] == 0 and cut.sum() > 20
     assert to_peak(hits, amap, -np.inf, 0.5).sum() >= 1  # a threshold of -inf: no NaN floor, the mask is kept
+
+
+def test_a_level_above_the_threshold_measures_the_components_that_reach_it_and_leaves_the_others():
+    """`to_peak`'s `outline` (the image's median, `outline_level`): a component whose peak reaches that level is
+    cut exactly as the mask found at that level would be; one below it keeps its cut from the threshold; a level
+    at or below the threshold, or None, changes nothing."""
+    from core.postprocess import to_peak
+
+    truth = np.zeros((96, 96), np.float32)
+    truth[20:36, 20:36] = 0.3  # faint: its peak (about -0.2) lies between the two thresholds
+    truth[60:76, 60:76] = 4.0
+    amap = cv2.GaussianBlur(truth, (0, 0), 3) - 0.5
+    lo, hi = -0.4, 0.0
+    low, high = (amap >= lo).astype(np.uint8), (amap >= hi).astype(np.uint8)
+    faint, strong = (slice(0, 48), slice(0, 48)), (slice(48, 96), slice(48, 96))
+    assert low[faint].any() and not high[faint].any()
+    for frac in (0.0, 0.5):
+        cut = to_peak(low, amap, lo, frac, hi)
+        assert np.array_equal(cut[strong], to_peak(high, amap, hi, frac)[strong])
+        assert np.array_equal(cut[faint], to_peak(low, amap, lo, frac)[faint])
+        assert cut[strong].sum() < to_peak(low, amap, lo, frac)[strong].sum()
+        for same in (None, lo, lo - 1.0):
+            assert np.array_equal(to_peak(low, amap, lo, frac, same), to_peak(low, amap, lo, frac))
+
+
+def test_an_image_whose_map_lies_above_the_threshold_is_outlined_from_its_own_median():
+    """A test image whose whole map has drifted above the calibrated pixel threshold (its background unlike the
+    held-out normal crops'): measured from the threshold, the defect's component is the whole image and its cut at
+    half height keeps a broad halo; measured from the image's median (`median_base`), the cut comes back near the
+    defect. Where the median lies below the threshold (the usual image), nothing changes."""
+    from core.metrics import iou
+    from ensemble.calibrate import FLAG_ALL
+
+    truth = np.zeros((96, 96), np.float32)
+    truth[40:56, 40:56] = 1.0
+    gt = (truth > 0).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.normal(size=(96, 96)).astype(np.float32), (0, 0), 2)
+    texture *= 0.3 / texture.std()
+    p = {"threshold": 0.0, "image_threshold": FLAG_ALL, "min_area": 0, "opening": 0, "peak_frac": 0.5}
+    drifted = cv2.GaussianBlur(truth, (0, 0), 2) + texture + 0.8  # the background at 0.8, above the threshold 0
+    plain, from_median = (final_mask(drifted, None, {**p, "median_base": m}) for m in (False, True))
+    assert plain.mean() > 0.1 and iou(plain, gt) < 0.3  # the texture of the drifted background: 0.20
+    assert iou(from_median, gt) > 0.6 and not (from_median & ~plain.astype(bool)).any()  # 0.69
+    usual = cv2.GaussianBlur(truth, (0, 0), 2) + texture - 0.8  # the background below the threshold
+    assert np.array_equal(final_mask(usual, None, {**p, "median_base": True}), final_mask(usual, None, p))
 
 
 def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale():

@@ -379,6 +379,10 @@ def test_seeds_trains_one_calibrated_model_per_seed_in_folders_of_their_own(ok_d
     spec = read_json_file(tmp_path / "ens.json")
     assert spec_checkpoints(spec, tmp_path / "ens.json") == model_paths([run])
     assert len(spec["params"]["shape"]) == 2  # each seed's own threshold: masks trimmed to where both agree
+    assert spec["calibration"]["spend_budget"] is True  # the models' config (calibrate.spend_budget, on)
+    run_ok(cli("ensemble", "calibrate", "-m", run, "--no-spend-budget", "-o", tmp_path / "plain.json"))
+    plain = read_json_file(tmp_path / "plain.json")
+    assert plain["calibration"]["spend_budget"] is False and spec["params"]["median_base"] is True
     from ensemble.models import build_ensemble
 
     one = run / "seed3" / "best.pt"  # a TTA per -m: a run folder of seeds gives its mode to each of its models
