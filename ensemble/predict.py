@@ -69,6 +69,9 @@ def recover(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+DRIFT_SHARE = 0.1  # above this share of images with most of their map above the pixel threshold, a warning
+
+
 def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: dict,
                 roi: str | Path | None = None, zip_prefix: str | None = None, overlays: str = "defective",
                 progress: Callable | None = None, warn: Callable | None = None) -> dict:
@@ -88,7 +91,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
     subs = ("submission", "masks", "maps") + (("gates",) if params.get("shape") is not None else ())
     for sub in subs + (("overlays",) if overlays != "none" else ()):
         (tmp / sub).mkdir(parents=True)
-    rows, n_def = [], 0
+    rows, n_def, drifted = [], 0, 0
     ens.warmup()
     start = time.perf_counter()
     chunk = max(1, ens.batch_size)
@@ -117,11 +120,13 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                 mask, gate = ens.judge(r, params, rmask)
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())
+                median = float(np.nanmedian(r["map"])) if np.isfinite(r["map"]).any() else float("nan")
+                drifted += int(median > params["threshold"])
                 pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays, gate))
                 rows.append({"name": text_name(p.name), "stem": text_name(stem), "defective": int(mask.any()),
                              "image_score": float(image_score(r["map"], r["image"])),
                              "image_head": "" if r["image"] is None else float(r["image"]),
-                             "peak": float(r["map"].max()), "area": int(mask.sum())})
+                             "peak": float(r["map"].max()), "median": median, "area": int(mask.sum())})
             if progress:
                 progress(len(batch_paths))
         for f in pending:
@@ -133,12 +138,18 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
         w.writerows(rows)
         (tmp / "scores.csv").write_text(buf.getvalue())
         write_zip(tmp / "submission", tmp / "submission.zip", zip_prefix or f"data/{image_dir.name}")
-        summary = {"images": len(rows), "defective": n_def, "seconds": seconds,
+        summary = {"images": len(rows), "defective": n_def, "median_above_threshold": drifted, "seconds": seconds,
                    "images_per_s": len(rows) / seconds if seconds > 0 else 0.0,
                    "checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "params": params,
                    "image_dir": str(image_dir)}
         write_json(tmp / "predict.json", summary)
         publish(tmp, out)
+        if warn and drifted > DRIFT_SHARE * len(rows):
+            warn(f"{drifted} of {len(rows)} images have half of their map or more above the pixel threshold: they "
+                 "look unlike the held-out OK images the thresholds were calibrated on (a lighting, a texture, a "
+                 "region those never show); "
+                 + ("their outlines are measured from each image's median (predict.median_base); "
+                    if params.get("median_base") else "") + "OK images like them, then calibrating again, fit better")
     except BaseException:
         writer.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -257,9 +257,14 @@ def test_predict_writes_submission_and_an_interrupted_run_leaves_no_partial_outp
         cv2.imwrite(str(images / f"c{i}.bmp"), img)
     ens = Ensemble([Pointwise(40, -36)], 1, 128, "cpu", "flip", batch_size=2)
     out = tmp_path / "pred"
-    s = run_predict(ens, images, out, PARAMS)
+    said = []
+    s = run_predict(ens, images, out, PARAMS, warn=said.append)
     jsons = sorted(p.stem for p in (out / "submission").glob("*.json"))
     assert jsons == ["c1", "c3", "c5"] and s["defective"] == 3
+    assert s["median_above_threshold"] == 0 and not said
+    drifted = run_predict(Ensemble([Pointwise(0, 5)], 1, 128, "cpu", "none"), images, tmp_path / "drift", PARAMS,
+                          warn=said.append)  # every map at 5, above the threshold 0: told, in one line
+    assert drifted["median_above_threshold"] == 6 and len(said) == 1 and "6 of 6 images" in said[0]
     m = record_to_mask(__import__("json").loads((out / "submission" / "c1.json").read_text()))
     assert m[64, 64] and m.sum() == pytest.approx(np.pi * 6.5**2, rel=0.2)  # the drawn disc of radius 6
     import zipfile
@@ -279,7 +284,7 @@ def test_predict_writes_submission_and_an_interrupted_run_leaves_no_partial_outp
                     progress=boom)
     after = {p.name: p.read_bytes() for p in (out / "submission").iterdir()}
     assert after == before  # the previous submission is intact, not half overwritten
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["TC_Images", "pred"]  # no partial folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["TC_Images", "drift", "pred"]  # no partial folder left
     with pytest.raises(KeyboardInterrupt):
         run_predict(ens, images, tmp_path / "fresh", PARAMS, progress=boom)
     assert not (tmp_path / "fresh").exists()
