@@ -725,9 +725,9 @@ def test_a_level_above_the_threshold_measures_the_components_that_reach_it_and_l
 
 def test_an_image_whose_map_lies_above_the_threshold_is_outlined_from_its_own_median():
     """A test image whose whole map has drifted above the calibrated pixel threshold (its background unlike the
-    held-out normal crops'): measured from the threshold, the defect's component is the whole image and its cut at
-    half height keeps a broad halo; measured from the image's median (`median_base`), the cut comes back near the
-    defect. Where the median lies below the threshold (the usual image), nothing changes."""
+    held-out normal crops'): measured from the threshold, the defect's component spreads over the background and
+    its cut at half height keeps the background's texture; measured from the image's median (`median_base`), the
+    cut comes back near the defect. Where the median lies below the threshold (the usual image), nothing changes."""
     from core.metrics import iou
     from ensemble.calibrate import FLAG_ALL
 
