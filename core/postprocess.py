@@ -112,6 +112,13 @@ def shaped(mask: np.ndarray, gate: np.ndarray | None, min_area: int) -> np.ndarr
     return cut if cut.any() else mask
 
 
+def map_median(amap: np.ndarray) -> float | None:
+    """The median of a map's finite values (None when it has none): where it lies above the pixel threshold, half
+    of the image or more is above it (`outline_level`, and `ensemble predict`'s count of such images)."""
+    finite = amap[np.isfinite(amap)]
+    return float(np.median(finite)) if finite.size else None
+
+
 def outline_level(amap: np.ndarray, p: dict) -> float | None:
     """With `p["median_base"]`, the image's own median map value: where it lies above the pixel threshold, the
     flagged components whose peak reaches it are measured from it (`to_peak`'s `outline`). Where half an image's
@@ -119,9 +126,7 @@ def outline_level(amap: np.ndarray, p: dict) -> float | None:
     threshold is no base for an outline: measured from it, a defect's component spreads over the background and
     its cut keeps the background's texture. None: measured from the threshold (off, or a map without a finite
     value); an image whose median lies below the threshold (the usual one) is cut as without it."""
-    if not p.get("median_base") or not np.isfinite(amap).any():
-        return None
-    return float(np.nanmedian(np.where(np.isfinite(amap), amap, np.nan)))
+    return map_median(amap) if p.get("median_base") else None
 
 
 def flagged_outline(mask: np.ndarray, amap: np.ndarray, p: dict, gate: np.ndarray | None = None) -> np.ndarray:

@@ -21,7 +21,7 @@ from core.io import InputError, encode_png, find_images, read_image, read_mask, 
 from synth.preview import outline
 
 from .models import Ensemble
-from core.postprocess import image_score
+from core.postprocess import image_score, map_median
 from synth.engine import part_region
 from .submission import dump, mask_to_record, text_name, write_zip
 
@@ -120,13 +120,14 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                 mask, gate = ens.judge(r, params, rmask)
                 stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
                 n_def += int(mask.any())
-                median = float(np.nanmedian(r["map"])) if np.isfinite(r["map"]).any() else float("nan")
-                drifted += int(median > params["threshold"])
+                median = map_median(r["map"])
+                drifted += int(median is not None and median > params["threshold"])
                 pending.append(writer.submit(write_outputs, tmp, stem, p.name, img, mask, r["map"], overlays, gate))
                 rows.append({"name": text_name(p.name), "stem": text_name(stem), "defective": int(mask.any()),
                              "image_score": float(image_score(r["map"], r["image"])),
                              "image_head": "" if r["image"] is None else float(r["image"]),
-                             "peak": float(r["map"].max()), "median": median, "area": int(mask.sum())})
+                             "peak": float(r["map"].max()), "median": "" if median is None else median,
+                             "area": int(mask.sum())})
             if progress:
                 progress(len(batch_paths))
         for f in pending:
