@@ -136,7 +136,8 @@ def synth_generate(
             shutil.rmtree(out)
         with Bar("synth", n) as bar:
             summary = generate(src, out, n, synth_cfg, seed=seed, workers=workers, warn=warn, progress=bar,
-                               holdout=cfg["data"]["holdout"], holdout_seed=cfg["data"]["holdout_seed"])
+                               holdout=cfg["data"]["holdout"], holdout_seed=cfg["data"]["holdout_seed"],
+                               crop=cfg["data"]["ok_crop"])
         console.print(f"wrote {summary['written']} samples to {out} ({summary['rate']:.0f}/s), "
                       f"{summary['skipped']} already there, {summary['bad_files']} unreadable or odd files skipped; "
                       f"{summary['held_out']} OK images held out (data.holdout) for validation and calibration")

@@ -398,6 +398,8 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     pool, held_out = calibration_pools(cfg, warn)
     where: list[tuple] = []
     normal = normal_crops(pool, c["normal_crops"], c["seed"], where)
+    if pool.crop:  # origins in the files' own pixels, as the report, the sheet and the warning give them
+        where = [(image, y + pool.crop[1], x + pool.crop[0]) for image, y, x in where]
     synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
     rate = c["target_overkill"] if target_overkill is None else target_overkill
     out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where,
@@ -407,9 +409,11 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     if band and warn:
         axis, lo, hi, k, images = band
         source = f"of {images[0]}" if len(images) == 1 else f"of {len(images)} held-out images"
+        box = crop_outside(band, pool)
         what = ("a flaw of that image, or a region the images you will predict never show" if len(images) == 1 else
                 "if the images you will predict never show that region (a background, a fixture, a selvage), crop "
-                "the OK images to the part")
+                "the OK images to the part (" + (f"-s 'data.ok_crop=[{','.join(map(str, box))}]'" if box else
+                                                 "data.ok_crop") + ")")
         warn(f"the image threshold is set by held-out normal crops that all lie in {axis} {lo} - {hi} {source} "
              f"(the {k} loudest with a mask; crops at random positions would spread wider): {what}"
              + (f"; see {sheet}" if sheet and Path(sheet).is_file() else ""))
@@ -441,9 +445,10 @@ def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3,
     (those that set the image threshold, see `calibration_sheet`; at least `min_crops`, from images of one size
     along that axis) lie in one band of at most half that size, so narrow that crops at random positions land in
     one that narrow with probability under `p_max`; else None. Positions are whole pixels 0..room (room = the
-    image's size - the crop's): the range r of k of them, as a share of room + 1, has P(range <= r) about
-    k r^(k-1) - (k-1) r^k. A region of the OK images that the model finds unusual, and that the test images may
-    never show, is what makes a threshold strict."""
+    image's size - the crop's; in the files' pixels, which `data.ok_crop` shifts by its origin: only their range
+    counts): the range r of k of them, as a share of room + 1, has P(range <= r) about k r^(k-1) - (k-1) r^k. A
+    region of the OK images that the model finds unusual, and that the test images may never show, is what makes
+    a threshold strict."""
     index = {str(path): i for i, path in enumerate(pool.paths)}
     picked = [c for c in loudest if c.get("masked") and str(c["image"]) in index]
     if len(picked) < min_crops:
@@ -461,6 +466,22 @@ def crowded_band(loudest: Sequence[dict], pool: SourcePool, p_max: float = 1e-3,
         if hi - lo + size <= common / 2 and k * r ** (k - 1) - (k - 1) * r ** k < p_max:
             return axis, lo, hi + size, k, sorted({str(c["image"]) for c in on})
     return None
+
+
+def crop_outside(band: tuple, pool: SourcePool) -> list[int] | None:
+    """The `data.ok_crop` box [x0, y0, x1, y1] that leaves out a `crowded_band` lying at one edge of its images
+    (starting or ending within a crop's size of it), in the files' own pixels; None for a band in the middle, for
+    one that leaves less than a crop's size, or for images already cropped (the box is then the user's to choose)."""
+    axis, lo, hi, _, images = band
+    if pool.crop is not None:
+        return None
+    h, w = pool.load(pool.index(images[0])).shape[:2]  # the pool's cache: no reading
+    extent = w if axis == "x" else h
+    sides = ([(hi, extent)] if lo < pool.size else []) + ([(0, lo)] if hi > extent - pool.size else [])
+    keep = max(sides, key=lambda k: k[1] - k[0], default=None)
+    if keep is None or keep[1] - keep[0] < pool.size:  # in the middle, or no crop's worth of image would be left
+        return None
+    return [keep[0], 0, keep[1], h] if axis == "x" else [0, keep[0], w, keep[1]]
 
 
 def sheet_path(path: str | Path) -> Path:

@@ -17,7 +17,9 @@ from core.io import InputError, competition_dir
 
 DEFAULTS: dict = {
     "part": 1,
-    "data": {"root": "data/sample", "ok_dir": None, "test_dir": None, "holdout": 0.2, "holdout_seed": 0},
+    # ok_crop [x0, y0, x1, y1]: each OK image cut to that box wherever it is read (a selvage, a fixture cut away)
+    "data": {"root": "data/sample", "ok_dir": None, "test_dir": None, "holdout": 0.2, "holdout_seed": 0,
+             "ok_crop": None},
     "synth": SynthConfig().to_dict(),
     "model": {
         "arch": "evidence_unet", "encoder": "tu-tf_efficientnet_lite0", "weights": "lite", "in_channels": 1,
@@ -137,6 +139,12 @@ def check_values(cfg: dict, where: str) -> None:
     k = cfg["predict"]["vote_k"]
     if k is not None and (not isinstance(k, int) or k < 1):
         raise InputError(f"{where}: predict.vote_k must be a positive integer or null, got {k!r}")
+    box = cfg["data"]["ok_crop"]
+    if box is not None and not (isinstance(box, (list, tuple)) and len(box) == 4
+                                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in box)
+                                and box[0] < box[2] and box[1] < box[3]):
+        raise InputError(f"{where}: data.ok_crop must be a box x0, y0, x1, y1: a list of 4 whole pixels with "
+                         f"x0 < x1 and y0 < y1, got {box!r}")
     for key in EXISTING:
         value = _get(cfg, key)
         if value is not None and not Path(value).exists():
@@ -247,7 +255,7 @@ def ok_pools(cfg: dict, warn=None):
     from synth.engine import SourcePool
 
     s, d = cfg["synth"], cfg["data"]
-    pool = SourcePool(ok_images_dir(cfg), s["channels"], s["size"], warn=warn)
+    pool = SourcePool(ok_images_dir(cfg), s["channels"], s["size"], warn=warn, crop=d.get("ok_crop"))
     return pool.split(d["holdout"], d["holdout_seed"])
 
 

@@ -73,7 +73,7 @@ def adopt_synth_folder(cfg: dict, folder: str | Path, warn=None) -> tuple[dict, 
     out = copy.deepcopy(cfg)
     out["synth"] = run["config"]
     out["data"].update(ok_dir=run["source"], holdout=run.get("holdout", 0.0),
-                       holdout_seed=run.get("holdout_seed", 0))
+                       holdout_seed=run.get("holdout_seed", 0), ok_crop=run.get("ok_crop"))
     if "held_out" not in run:
         if warn:
             warn(f"{run_file}: written without a held-out split, so validation and calibration draw on the images "

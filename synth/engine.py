@@ -110,20 +110,33 @@ class SynthConfig:
 
 
 class SourcePool:
-    """The OK images a run draws from: scanned once (bad files reported and skipped), decoded lazily, cached."""
+    """The OK images a run draws from: scanned once (bad files reported and skipped), decoded lazily, cached.
+    `crop` (x0, y0, x1, y1): each image cut to that box when read (x1, y1 clipped to the image; `data.ok_crop`), so
+    a region the inspected images never show (a selvage, a fixture) is neither trained on nor calibrated on."""
 
-    def __init__(self, root: str | Path, channels: int = 1, size: int = 128, warn=None, paths=None):
+    def __init__(self, root: str | Path, channels: int = 1, size: int = 128, warn=None, paths=None, crop=None):
         self.root = Path(root)
         self.channels, self.size = channels, size
+        self.crop = tuple(int(v) for v in crop) if crop is not None else None
         self.bad: list[str] = []
         if paths is None:
-            paths = []
+            paths, outside = [], []
             for p in find_images(self.root, warn=self._warner(warn)):
                 try:
-                    read_image(p, channels)
-                    paths.append(p.relative_to(self.root).as_posix() if self.root.is_dir() else p.name)
+                    img = read_image(p, channels)
                 except InputError as e:
                     self._warner(warn)(str(e))
+                    continue
+                try:
+                    self._cut(img, p)
+                    paths.append(p.relative_to(self.root).as_posix() if self.root.is_dir() else p.name)
+                except InputError as e:  # one line for all the images a box misses, not one per image
+                    outside.append(str(e))
+            if outside:
+                more = f" (and {len(outside) - 1} more images)" if len(outside) > 1 else ""
+                if not paths:
+                    raise InputError(outside[0] + more)
+                self._warner(warn)(f"{outside[0]}{more}: skipped")
             if not paths:
                 raise InputError(f"{self.root}: none of the image files could be read")
         self.paths = list(paths)
@@ -171,13 +184,25 @@ class SourcePool:
         order = stream(SPLIT, seed).permutation(len(names))
         held = {names[i] for i in order[:n_hold]}
         train = [p for p in self.paths if p not in held]
-        return (SourcePool(self.root, self.channels, self.size, paths=train),
-                SourcePool(self.root, self.channels, self.size, paths=sorted(held)))
+        return (SourcePool(self.root, self.channels, self.size, paths=train, crop=self.crop),
+                SourcePool(self.root, self.channels, self.size, paths=sorted(held), crop=self.crop))
+
+    def _cut(self, img: np.ndarray, path: Path) -> np.ndarray:
+        """The image inside `crop` (the image itself without one); a box that misses the image is refused."""
+        if self.crop is None:
+            return img
+        x0, y0, x1, y1 = self.crop
+        h, w = img.shape[:2]
+        if x0 >= w or y0 >= h:
+            raise InputError(f"{path}: data.ok_crop {list(self.crop)} lies outside the image ({w} x {h} px)")
+        return img[y0:min(y1, h), x0:min(x1, w)]
 
     def load(self, i: int) -> np.ndarray:
-        """Image i, reflect-padded to at least `size` on each side (documented: small images are padded)."""
+        """Image i, cut to `crop`, reflect-padded to at least `size` on each side (documented: small images are
+        padded)."""
         if i not in self._cache:
-            img = read_image(self.root / self.paths[i], self.channels)
+            path = self.root / self.paths[i]
+            img = np.ascontiguousarray(self._cut(read_image(path, self.channels), path))
             h, w = img.shape[:2]
             if h < self.size or w < self.size:
                 dh, dw = max(0, self.size - h), max(0, self.size - w)

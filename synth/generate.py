@@ -31,15 +31,15 @@ def sample_id(i: int) -> str:
     return f"{i:06d}"
 
 
-def _init_worker(root: str, paths: list[str], config: dict, seed: int, out: str) -> None:
+def _init_worker(root: str, paths: list[str], config: dict, seed: int, out: str, crop=None) -> None:
     limit_threads(1)
-    _init(root, paths, config, seed, out)
+    _init(root, paths, config, seed, out, crop)
 
 
-def _init(root: str, paths: list[str], config: dict, seed: int, out: str) -> None:
+def _init(root: str, paths: list[str], config: dict, seed: int, out: str, crop=None) -> None:
     cfg = SynthConfig.from_dict(config)
     _WORKER.update(engine=DefectSynthesizer(cfg), seed=seed, out=Path(out),
-                   pool=SourcePool(root, cfg.channels, cfg.size, paths=paths))
+                   pool=SourcePool(root, cfg.channels, cfg.size, paths=paths, crop=crop))
 
 
 def _make(i: int) -> dict:
@@ -61,14 +61,15 @@ def _describe(indices: list[int]) -> str:
 
 def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, seed: int = 0, workers: int = 1,
              warn: Callable[[str], None] | None = None, progress=None, holdout: float = 0.0,
-             holdout_seed: int = 0) -> dict:
-    """Generate samples 0..n-1 into `out`; returns a summary dict (written, skipped, bad files, seconds)."""
+             holdout_seed: int = 0, crop=None) -> dict:
+    """Generate samples 0..n-1 into `out`; returns a summary dict (written, skipped, bad files, seconds).
+    `crop`: each OK image cut to that box first (`data.ok_crop`)."""
     out = Path(out)
-    everything = SourcePool(source, config.channels, config.size, warn=warn)
+    everything = SourcePool(source, config.channels, config.size, warn=warn, crop=crop)
     pool, held = everything.split(holdout, holdout_seed)
     settings = {"format": FORMAT, "source": str(Path(source).resolve()), "seed": seed, "config": config.to_dict(),
                 "sources": len(pool), "holdout": holdout, "holdout_seed": holdout_seed,
-                "held_out": held.paths if held else []}
+                "held_out": held.paths if held else [], "ok_crop": list(pool.crop) if pool.crop else None}
     run_file = out / "run.json"
     if run_file.exists():
         previous = read_json_file(run_file)
@@ -86,7 +87,7 @@ def generate(source: str | Path, out: str | Path, n: int, config: SynthConfig, s
     done = {row["index"] for row in read_jsonl(manifest, repair=True)}
     todo = [i for i in range(n) if i not in done]
     start = time.perf_counter()
-    args = (str(pool.root), pool.paths, config.to_dict(), seed, str(out))
+    args = (str(pool.root), pool.paths, config.to_dict(), seed, str(out), pool.crop)
     with open(manifest, "a") as f:
         if workers <= 1:
             _init(*args)

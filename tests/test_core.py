@@ -244,6 +244,71 @@ def test_a_threshold_set_by_one_region_of_the_ok_images_is_named(tmp_path, monke
         band = [w for w in warned if "all lie in x 0 - 170 " + expect in w]
         assert len(band) == 1 and "m_calibration.png" in band[0]
         assert ("crop the OK images to the part" in band[0]) == (len(found) > 1)
+        # a band at the images' left edge: the warning gives the box that leaves it out, in the files' pixels
+        assert ("-s 'data.ok_crop=[170,0,1024,512]'" in band[0]) == (len(found) > 1)
+
+
+def test_ok_crop_cuts_every_ok_image_wherever_it_is_read(tmp_path):
+    """`data.ok_crop` [x0, y0, x1, y1] cuts each OK image to its box (x1, y1 clipped to the image) for training,
+    the held-out split and everything drawn from it, and for `synth generate`, whose folder records it (a folder
+    written with another box is not resumed; training from it uses its box). A box that is no box, or that misses an
+    image, is one line naming the key or the file. `crop_outside` turns a crowded band at an edge into the box that
+    leaves it out."""
+    from ensemble.calibrate import crop_outside
+    from seg.config import ok_pools
+    from seg.data import adopt_synth_folder
+    from synth.engine import SynthConfig
+    from synth.generate import generate
+
+    ok = tmp_path / "OK_Images"
+    ok.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(ok / f"ok_{i}.png"), textured(i))  # 220 x 180 px
+    train, held = ok_pools(load_config(None, [f"data.ok_dir={ok}", "data.ok_crop=[30, 5, 190, 999]"]))
+    assert train.crop == held.crop == (30, 5, 190, 999) and len(train) == 4 and len(held) == 1
+    for pool in (train, held):
+        for i, name in enumerate(pool.paths):
+            assert np.array_equal(pool.load(i), cv2.imread(str(ok / name), 0)[5:, 30:190])
+    where = []
+    crops = held.random_crops(40, 1, where)
+    full = cv2.imread(str(ok / held.paths[0]), 0)
+    assert all(np.array_equal(c, full[5 + y:5 + y + 128, 30 + x:30 + x + 128]) and x <= 160 - 128 and y <= 175 - 128
+               for c, (_, y, x) in zip(crops, where))
+    assert max(x for _, _, x in where) > 20  # uncut, x + 30 would reach column 190 and beyond
+    # calibration reports the crops that set its threshold in the files' own pixels, inside the box
+    cfg = load_config(None, [f"data.ok_dir={ok}", "data.ok_crop=[30, 5, 190, 999]", "baseline.n_train=16",
+                             "train.val_n=16", "calibrate.normal_crops=16", "calibrate.synth_n=8"])
+    fit_baseline(cfg, "padim", tmp_path / "m.pt", log=lambda m: None)
+    loudest = calibrate_model_file(tmp_path / "m.pt", "cpu")["report"]["loudest_normals"]
+    assert len(loudest) == 8 and all(30 <= e["x"] <= 190 - 128 and 5 <= e["y"] <= 180 - 128 for e in loudest)
+    # (unshifted, x would lie in 0 - 32: the 8 would all have to be drawn at 30 - 32)
+    for bad in ("[0, 0, 100]", "[50, 0, 50, 100]", "[-1, 0, 100, 100]", "[0, 0, 1.5, 100]", "left"):
+        with pytest.raises(InputError, match=r"data\.ok_crop must be a box x0, y0, x1, y1: a list of 4 whole"):
+            load_config(None, [f"data.ok_dir={ok}", f"data.ok_crop={bad}"])
+    with pytest.raises(InputError, match=r"ok_\d\.png: data\.ok_crop \[300, 0, 400, 100\] lies outside the image "
+                                         r"\(220 x 180 px\) \(and 4 more images\)$"):
+        ok_pools(load_config(None, [f"data.ok_dir={ok}", "data.ok_crop=[300, 0, 400, 100]"]))
+    cv2.imwrite(str(ok / "ok_9.png"), textured(9, h=180, w=420))  # the one image the box does not miss
+    warned = []
+    assert SourcePool(ok, warn=warned.append, crop=(300, 0, 400, 100)).paths == ["ok_9.png"]
+    assert len(warned) == 1 and warned[0].endswith("(and 4 more images): skipped")
+    (ok / "ok_9.png").unlink()
+    out = tmp_path / "synth"
+    generate(ok, out, 4, SynthConfig(), seed=0, holdout=0.2, crop=[30, 5, 190, 999])
+    assert json.loads((out / "run.json").read_text())["ok_crop"] == [30, 5, 190, 999]
+    adopted, _ = adopt_synth_folder(load_config(None, []), out)
+    assert adopted["data"]["ok_crop"] == [30, 5, 190, 999]
+    with pytest.raises(InputError, match="other settings"):
+        generate(ok, out, 8, SynthConfig(), seed=0, holdout=0.2)
+    big = tmp_path / "big"
+    big.mkdir()
+    cv2.imwrite(str(big / "b.png"), textured(0, h=200, w=1000))
+    pool = SourcePool(big)  # crops of 128 px
+    assert crop_outside(("x", 0, 300, 8, ["b.png"]), pool) == [300, 0, 1000, 200]  # at the left edge
+    assert crop_outside(("x", 700, 1000, 8, ["b.png"]), pool) == [0, 0, 700, 200]  # at the right edge
+    assert crop_outside(("x", 300, 600, 8, ["b.png"]), pool) is None  # in the middle
+    assert crop_outside(("y", 0, 150, 8, ["b.png"]), pool) is None  # 50 px left: less than a crop
+    assert crop_outside(("x", 0, 300, 8, ["b.png"]), SourcePool(big, crop=(0, 0, 1000, 200))) is None
 
 
 def test_publish_restores_the_previous_output_when_the_swap_fails(tmp_path, monkeypatch):
