@@ -398,8 +398,6 @@ def calibrate_from_config(ens: Ensemble, cfg: dict, defaults: dict, target_overk
     pool, held_out = calibration_pools(cfg, warn)
     where: list[tuple] = []
     normal = normal_crops(pool, c["normal_crops"], c["seed"], where)
-    if pool.crop:  # origins in the files' own pixels, as the report, the sheet and the warning give them
-        where = [(image, y + pool.crop[1], x + pool.crop[0]) for image, y, x in where]
     synthetic = None if labelled is not None else synthetic_defects(cfg, pool, c["synth_n"], c["seed"])
     rate = c["target_overkill"] if target_overkill is None else target_overkill
     out = calibrate(ens, normal, synthetic, defaults, rate, labelled, c.get("balance_sizes", False), sheet, where,

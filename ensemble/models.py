@@ -389,10 +389,9 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
              "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
     p.update(spec.get("params", {}))
     source = spec.get("params") if spec else (cal["params"] if cal and len(paths) == 1 else None)
-    if source is not None and "peak_frac" not in source:  # calibrated before the cut existed: predict as then
-        p["peak_frac"] = 0.0
-    if source is not None and "median_base" not in source:  # calibrated before it existed: predict as then
-        p["median_base"] = False
+    for key, before in (("peak_frac", 0.0), ("median_base", False)):  # calibrated before the rule: predict as then
+        if source is not None and key not in source:
+            p[key] = before
     for key in ("tta", "merge", "vote_k", "weights"):
         if key in spec:
             p[key] = spec[key]

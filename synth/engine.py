@@ -160,17 +160,18 @@ class SourcePool:
 
     def random_crops(self, n: int, seed: int, where: list | None = None) -> list[np.ndarray]:
         """n uint8 crops of the pool's size at random images and positions, drawn from `default_rng(seed)`.
-        `where`: a list that receives each crop's origin, (image path, y, x), in the image as `load` returns it
-        (reflect-padded when smaller than a crop)."""
+        `where`: a list that receives each crop's origin, (image path, y, x), in the file's own pixels (shifted by
+        `crop`'s origin; in the padded image when one is smaller than a crop)."""
         rng = np.random.default_rng(seed)
         s, out = self.size, []
+        dx, dy = self.crop[:2] if self.crop else (0, 0)
         for _ in range(n):
             i = int(rng.integers(len(self)))
             img = self.load(i)
             y, x = int(rng.integers(0, img.shape[0] - s + 1)), int(rng.integers(0, img.shape[1] - s + 1))
             out.append(np.ascontiguousarray(img[y:y + s, x:x + s]))
             if where is not None:
-                where.append((self.paths[i], y, x))
+                where.append((self.paths[i], y + dy, x + dx))
         return out
 
     def split(self, holdout: float, seed: int = 0) -> tuple["SourcePool", "SourcePool | None"]:

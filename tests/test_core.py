@@ -272,9 +272,10 @@ def test_ok_crop_cuts_every_ok_image_wherever_it_is_read(tmp_path):
     where = []
     crops = held.random_crops(40, 1, where)
     full = cv2.imread(str(ok / held.paths[0]), 0)
-    assert all(np.array_equal(c, full[5 + y:5 + y + 128, 30 + x:30 + x + 128]) and x <= 160 - 128 and y <= 175 - 128
+    # origins in the file's own pixels, inside the box
+    assert all(np.array_equal(c, full[y:y + 128, x:x + 128]) and 30 <= x <= 190 - 128 and 5 <= y <= 180 - 128
                for c, (_, y, x) in zip(crops, where))
-    assert max(x for _, _, x in where) > 20  # uncut, x + 30 would reach column 190 and beyond
+    assert max(x for _, _, x in where) > 50  # uncut, x would reach column 190 and beyond
     # calibration reports the crops that set its threshold in the files' own pixels, inside the box
     cfg = load_config(None, [f"data.ok_dir={ok}", "data.ok_crop=[30, 5, 190, 999]", "baseline.n_train=16",
                              "train.val_n=16", "calibrate.normal_crops=16", "calibrate.synth_n=8"])
