@@ -514,6 +514,10 @@ def ensemble_predict(
     median_base: Optional[bool] = typer.Option(None, "--median-base/--no-median-base", help="Measure that height "
                                                "from the image's median map value where it lies above the pixel "
                                                "threshold (default: the model's, predict.median_base, on)."),
+    grabcut: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Redraw a flagged mask's outline on the "
+                                            "image by a graph cut, each component's pixels this share of the way "
+                                            "to its peak sure defect; 0 = off (default: the model's, "
+                                            "predict.grabcut, 0.75)."),
     roi: Optional[str] = typer.Option(None, help="Region of interest: a mask image applied to every image, or "
                                       "'auto' (each image's bright part). Default: predict.roi of the config."),
     zip_prefix: Optional[str] = typer.Option(None, help="Folder inside submission.zip (default data/<images>)."),
@@ -531,7 +535,8 @@ def ensemble_predict(
 
     with user_errors():
         overrides = {"threshold": threshold, "image_threshold": image_threshold, "min_area": min_area,
-                     "opening": opening, "window": window, "peak_frac": peak_frac, "median_base": median_base}
+                     "opening": opening, "window": window, "peak_frac": peak_frac, "median_base": median_base,
+                     "grabcut": grabcut}
         if backend == "onnx":
             ens, p = onnx_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight, overrides)
         elif backend == "torch":
@@ -566,6 +571,9 @@ def ensemble_calibrate(
     median_base: Optional[bool] = typer.Option(None, "--median-base/--no-median-base", help="Measure that height "
                                                "from the image's median map value where it lies above the pixel "
                                                "threshold (default: predict.median_base of the first model, on)."),
+    grabcut: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Redraw each flagged mask's outline on "
+                                            "the image by a graph cut from this share of each component's height, "
+                                            "0 = off (default: predict.grabcut of the first model, 0.75)."),
     spend_budget: Optional[bool] = typer.Option(None, "--spend-budget/--no-spend-budget", help="Search only "
                                                 "operating points where the image threshold at the false-alarm "
                                                 "budget decides (default: calibrate.spend_budget of the first "
@@ -584,7 +592,8 @@ def ensemble_calibrate(
 
     with user_errors():
         ens, p = build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weight,
-                                {"peak_frac": peak_frac, "median_base": median_base}, device, calibrating=True)
+                                {"peak_frac": peak_frac, "median_base": median_base, "grabcut": grabcut}, device,
+                                calibrating=True)
         cfg = copy.deepcopy(ens.member_configs[0])  # the first model's, as it was made (set below, not in place)
         if data is not None:
             cfg["data"]["root"], cfg["data"]["ok_dir"] = str(data), None
@@ -706,8 +715,8 @@ def baseline_predict(
     ensemble_predict(out=out, checkpoint=model, ensemble_file=ensemble_file, images=images, part=part, data=data,
                      tta="none", merge=None, vote_k=None, weight=None, threshold=threshold,
                      image_threshold=image_threshold, min_area=min_area, opening=None, peak_frac=None,
-                     median_base=None, roi=None, zip_prefix=None, overlays="defective", window=None, device=device,
-                     backend="torch")
+                     median_base=None, grabcut=None, roi=None, zip_prefix=None, overlays="defective", window=None,
+                     device=device, backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------ bench

@@ -52,8 +52,10 @@ def main(argv=None) -> dict:
         torch_rate, r_t = timed(ens, images, a.repeats)
         onnx_rate, r_o = timed(onnx, images, a.repeats)
     shape = p.get("shape")  # a hybrid trims its masks as `ensemble predict` does
-    same = sum(np.array_equal(final_mask(x["map"], x["image"], p, None, x["hits"], agreement(x["per_model"], shape)),
-                              final_mask(y["map"], y["image"], p, None, y["hits"], agreement(y["per_model"], shape)))
+    same = sum(np.array_equal(final_mask(x["map"], x["image"], p, None, x["hits"], agreement(x["per_model"], shape),
+                                         x["pixels"]),
+                              final_mask(y["map"], y["image"], p, None, y["hits"], agreement(y["per_model"], shape),
+                                         y["pixels"]))
                for x, y in zip(r_t, r_o))
     diff = max(float(np.abs(x["map"] - y["map"]).max()) for x, y in zip(r_t, r_o))
     out = {"models": len(ens.models), "tta": ens.tta_mode, "images": len(images), "torch_images_per_s": torch_rate,

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
             r = ens.predict([image])[0]
             best = min(best, time.perf_counter() - t)
         maps[label] = r["map"]
-        masks[label] = final_mask(r["map"], r["image"], params) > 0
+        masks[label] = final_mask(r["map"], r["image"], params, pixels=r["pixels"]) > 0
         rows[label] = {"seconds": best, "mpix_per_s": h * w / 1e6 / best}
     diff = np.abs(maps["whole"] - maps["tiled"])
     union = (masks["whole"] | masks["tiled"]).sum()

@@ -62,8 +62,9 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
                                    c.get("spend_budget", False))  # as the model's own calibration searched
             p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
                  "min_area": best["min_area"], "opening": 0, "peak_frac": cfg["predict"].get("peak_frac", 0.0),
-                 "median_base": cfg["predict"].get("median_base", False)}
-            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]), gate=g)
+                 "median_base": cfg["predict"].get("median_base", False),
+                 "grabcut": cfg["predict"].get("grabcut", 0.0)}
+            pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]), gate=g, pixels=r["pixels"])
                     for r, g in zip(res_t, gates_t)]
             out[balance].append(competition_score(pred, gt)["score"])
     return out

@@ -20,14 +20,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import heapq
+
 import cv2
 import numpy as np
 import torch
 
 from core.io import write_json, write_png
 from core.progress import task
+from core.metrics import competition_score
 from core.modelfile import load_model_file, relative_checkpoints, set_calibration
-from core.postprocess import agreement, decide, evidence, flagged_outline, outline_level, peak_cut, postprocess
+from core.postprocess import (agreement, decide, evidence, final_mask, flagged_outline, outline_level, peak_cut,
+                              postprocess)
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -39,6 +43,7 @@ NORMAL_QUANTILES = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
 SIZE_EDGES = (0.005, 0.02)  # defect area / crop area: small, medium, large (see `size_bins`)
+RESCORED = 8  # `best_on_labelled` with the graph cut: how many of its best points are scored again with it
 FLAG_ALL = -1e30  # an image threshold below every evidence: any non-empty mask is flagged (finite: valid JSON)
 
 
@@ -265,20 +270,26 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
 
 def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
                      rois: list | None = None, extra_thresholds: Sequence[float] = (),
-                     gates: list | None = None, peak_frac: float = 0.0, median_base: bool = False) -> dict:
+                     gates: list | None = None, peak_frac: float = 0.0, median_base: bool = False,
+                     grabcut: float = 0.0) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
     themselves for the oracle that measures calibration loss: then it reports, it chooses nothing). `gates`: each
     image's agreement mask when the ensemble shapes its masks (`core.postprocess.shaped`). `peak_frac`: the masks
     scored are cut towards each component's peak (`core.postprocess.to_peak`), as prediction cuts them (fixed, not
     searched); `median_base`: measured from each image's median where it lies above the threshold, as prediction
-    measures them (`core.postprocess.outline_level`)."""
+    measures them (`core.postprocess.outline_level`). `grabcut`: the masks prediction writes are redrawn on the image
+    (`core.postprocess.grabcut_outline`; results with their "pixels"): too slow for every point of the search, so
+    the RESCORED best points on the masks before it are scored again on the masks as prediction writes them, and
+    the best of those is returned with those figures (the decisions are the same, only mIoU moves)."""
     labels = np.array([g.any() for g in gt])
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
     maps = [r["map"] for r in results]
     cands = np.unique(np.r_[candidate_thresholds(_pool(maps, gt, False), _pool(maps, gt, True)),
                             np.asarray(extra_thresholds, np.float64)])
     levels = [outline_level(m, {"median_base": median_base}) for m in maps]  # once: they do not depend on thr
-    best = None
+    drawn = grabcut and all(r.get("pixels") is not None for r in results)
+    top: list = []  # with the graph cut: the RESCORED best points before it, as (score, -order, point)
+    best, order = None, 0
     for thr in cands:
         sweeps = _sweep_areas(results, rehit, thr, opening, rois, gt, gates, peak_frac, levels)
         for area in MIN_AREAS:
@@ -290,10 +301,28 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
                 tp = labels & sub
                 miou = float(ious[tp].mean()) if tp.any() else 0.0
                 score = 0.5 * (1 - escape) + 0.3 * (1 - overkill) + 0.2 * miou
+                point = None
                 if best is None or score > best["score"] + 1e-12:
-                    best = {"score": score, "threshold": float(thr), "min_area": int(area),
-                            "image_threshold": float(tau), "escape": escape, "overkill": overkill, "miou": miou}
-    return best
+                    best = point = {"score": score, "threshold": float(thr), "min_area": int(area),
+                                    "image_threshold": float(tau), "escape": escape, "overkill": overkill,
+                                    "miou": miou}
+                order += 1
+                if drawn and (len(top) < RESCORED or score > top[0][0] + 1e-12):
+                    point = point or {"threshold": float(thr), "min_area": int(area), "image_threshold": float(tau)}
+                    entry = (score, -order, point)  # among equals the earlier point ranks higher
+                    (heapq.heappush if len(top) < RESCORED else heapq.heapreplace)(top, entry)
+    if not drawn or best is None:
+        return best
+    rescored = []
+    for _, _, point in sorted(top, key=lambda e: (-e[0], -e[1])):
+        p = {**{k: point[k] for k in ("threshold", "min_area", "image_threshold")}, "opening": opening,
+             "peak_frac": peak_frac, "median_base": median_base, "grabcut": grabcut}
+        masks = [final_mask(r["map"], r["image"], p, roi, rehit(r, p["threshold"]), g, r["pixels"]) for r, roi, g in
+                 zip(results, rois or [None] * len(results), gates or [None] * len(results))]
+        got = competition_score(masks, list(gt))
+        rescored.append({**p, **{k: got[k] for k in ("score", "escape", "overkill", "miou")}})
+    best = max(rescored, key=lambda x: x["score"])  # the first of equals: the best before the cut
+    return {k: best[k] for k in ("score", "threshold", "min_area", "image_threshold", "escape", "overkill", "miou")}
 
 
 def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
@@ -358,6 +387,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     params["roi"] = roi = defaults.get("roi")
     params["peak_frac"] = defaults.get("peak_frac", 0.0)  # absent from an older file's config: no cut
     params["median_base"] = bool(defaults.get("median_base", False))  # absent: outlines from the threshold
+    params["grabcut"] = defaults.get("grabcut", 0.0)  # absent: outlines not redrawn on the image
     params["shape"] = member_thresholds(ens, norms) if shape else None
     if shape and params["shape"] is None and len(ens.models) > 1 and warn:
         warn("masks not trimmed to where the models agree: a model file carries no calibration of its own "
@@ -371,7 +401,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         results = predict_shown(ens, images, "labelled crops")
         best = best_on_labelled(results, list(gt), ens.rehit, params["opening"], rois_for(images, roi),
                                 gates=gates(results), peak_frac=params["peak_frac"],
-                                median_base=params["median_base"])
+                                median_base=params["median_base"], grabcut=params["grabcut"])
         mode = "labelled"
     else:
         if synthetic is None or not len(synthetic[0]):
@@ -509,7 +539,8 @@ def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, fl
                        rehit(r, params["threshold"]))
     ev, flagged = evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
     if flagged:
-        mask = flagged_outline(mask, r["map"], params, agreement(r.get("per_model"), params.get("shape")))
+        mask = flagged_outline(mask, r["map"], params, agreement(r.get("per_model"), params.get("shape")),
+                               r.get("pixels"))
     return mask, ev, flagged
 
 

@@ -136,10 +136,12 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         heads = {r["stem"]: (float(r["image_head"]) if r.get("image_head") else None) for r in csv.DictReader(f)}
     heads = {s: heads.get(text_name(s)) for s in stems}  # CSV stems are text (see ensemble.submission.text_name)
     maps = maps if maps is not None else [load_map(pred_dir / "maps" / f"{s}.npy") for s in stems]
-    results = [{"map": m, "image": heads.get(s)} for m, s in zip(maps, stems)]
     params = summary.get("params", {})
     roi = params.get("roi")
-    rois = rois_for([read_image(p) for p in find_images(image_dir)], roi) if roi else None
+    images = [read_image(p) for p in find_images(image_dir)] if roi or params.get("grabcut") else None
+    results = [{"map": m, "image": heads.get(s), "pixels": None if images is None else im}
+               for m, s, im in zip(maps, stems, images or [None] * len(maps))]
+    rois = rois_for(images, roi) if roi else None
     gates = None  # an ensemble that shaped its masks stored where its models agree: the oracle shapes them too
     if params.get("shape") is not None:
         if not all((pred_dir / "gates" / f"{s}.png").is_file() for s in stems):
@@ -147,7 +149,7 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         gates = [read_mask(pred_dir / "gates" / f"{s}.png") for s in stems]
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
                             rois, [params["threshold"]] if "threshold" in params else [], gates,
-                            params.get("peak_frac", 0.0), params.get("median_base", False))
+                            params.get("peak_frac", 0.0), params.get("median_base", False), params.get("grabcut", 0.0))
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

@@ -231,14 +231,15 @@ class Ensemble:
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         """For each uint8 image: {"map": merged (H,W) float32, "hits": binary (H,W) before post-processing,
-        "image": float or None, "per_model": (M,H,W)}. Images of the crop size go through in batches; larger ones
+        "image": float or None, "per_model": (M,H,W), "pixels": the image itself (for the outline's graph cut,
+        `core.postprocess.grabcut_outline`)}. Images of the crop size go through in batches; larger ones
         are predicted whole (fully convolutional models, see `window`) or tiled with overlap and averaged."""
         big = [i for i, img in enumerate(images) if self.whole and max(img.shape[:2]) > self.tile]
         out = {i: self._predict_whole(images[i]) for i in big}
         rest = [i for i in range(len(images)) if i not in out]
         if rest:
             out.update(zip(rest, self._predict_tiled([images[i] for i in rest])))
-        return [out[i] for i in range(len(images))]
+        return [{**out[i], "pixels": images[i]} for i in range(len(images))]
 
     def _predict_whole(self, img: np.ndarray) -> dict:
         """One large image in windows of up to `window` px (padded by reflection to a multiple of STRIDE),
@@ -331,7 +332,7 @@ class Ensemble:
         predict` writes (an empty mask: judged normal)."""
         hits = result["hits"] if params["threshold"] == self.threshold else self.rehit(result, params["threshold"])
         gate = agreement(result["per_model"], params.get("shape"))  # an ensemble's trim (calibrated)
-        return final_mask(result["map"], result["image"], params, roi, hits, gate), gate
+        return final_mask(result["map"], result["image"], params, roi, hits, gate, result.get("pixels")), gate
 
 
 def run_default(checkpoint, ensemble_file, warn=None):
@@ -389,7 +390,7 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
              "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
     p.update(spec.get("params", {}))
     source = spec.get("params") if spec else (cal["params"] if cal and len(paths) == 1 else None)
-    for key, before in (("peak_frac", 0.0), ("median_base", False)):  # calibrated before the rule: predict as then
+    for key, before in (("peak_frac", 0.0), ("median_base", False), ("grabcut", 0.0)):  # calibrated before: as then
         if source is not None and key not in source:
             p[key] = before
     for key in ("tta", "merge", "vote_k", "weights"):

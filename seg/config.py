@@ -59,6 +59,9 @@ DEFAULTS: dict = {
         "peak_frac": 0.5,  # a flagged mask's components cut at half their height above the threshold (README)
         # ... their height measured from the image's median map value where that lies above the threshold (README)
         "median_base": True,
+        # ... then redrawn on the image by a graph cut, each component's core (0.75 of the way to its peak) sure
+        # defect (README, "Outlines redrawn on the image"); 0 = off
+        "grabcut": 0.75,
     },
     # operating point chosen from OK images only: real normal crops of the held-out OK images fix the image
     # threshold at `target_overkill`; synthetic defects on those images fix the pixel threshold and min_area
@@ -96,7 +99,8 @@ POSITIVE = ("train.epochs", "train.seeds", "train.steps_per_epoch", "train.batch
 NON_NEGATIVE = ("train.weight_decay", "train.image_loss_weight", "train.deep_loss_weight", "train.aux_loss_weight",
                 "train.jobs", "train.workers", "train.early_stopping", "train.curriculum.ramp_epochs",
                 "predict.min_area", "predict.opening", "predict.tile_overlap", "predict.window")
-UNIT = ("data.holdout", "train.ema", "calibrate.target_overkill", "predict.peak_frac", "model.coreset_ratio",
+UNIT = ("data.holdout", "train.ema", "calibrate.target_overkill", "predict.peak_frac", "predict.grabcut",
+        "model.coreset_ratio",
         "baseline.coreset_ratio", "train.curriculum.start", "train.curriculum.end",
         *(f"train.augment.{k}" for k in DEFAULTS["train"]["augment"]))
 EXISTING = ("data.ok_dir", "data.test_dir", "train.val_dir", "train.synth_dir")

@@ -90,9 +90,10 @@ def evaluate_set(model, images, masks, predict_cfg: dict, device, loss_fn=None) 
     """Val metrics: loss, pixel dice/iou, image accuracy and the competition score (after post-processing at the
     config's thresholds, on the logit scale)."""
     logits, heads = predict_batches(model, images, device, predict_cfg["batch_size"])
-    # the cut towards each component's peak is for real defects' broad maps: synthetic ones, which this set holds,
-    # cannot judge it (README, "A flagged mask cut at half its height"), so it plays no part in choosing the model
-    predict_cfg = {**predict_cfg, "peak_frac": 0.0, "median_base": False}
+    # the outline rules (the cut towards each component's peak, its base, the graph cut on the image) are for real
+    # defects' broad maps: synthetic ones, which this set holds, cannot judge them (README, "A flagged mask cut at
+    # half its height"), so they play no part in choosing the model
+    predict_cfg = {**predict_cfg, "peak_frac": 0.0, "median_base": False, "grabcut": 0.0}
     pred, gt = [], []
     for i in range(len(images)):
         head = None if heads is None else float(heads[i])

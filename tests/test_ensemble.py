@@ -746,6 +746,62 @@ def test_an_image_whose_map_lies_above_the_threshold_is_outlined_from_its_own_me
     assert np.array_equal(final_mask(usual, None, {**p, "median_base": True}), final_mask(usual, None, p))
 
 
+def _dark_disc_under_a_broad_map(n: int = 128, centre=(64, 60), seed: int = 0):
+    """A gray image of noise around 128 with a disc of radius 8 darker by 50, and a map that sees it as a broad
+    blob (sigma 14 px, as a feature distance spreads a defect over a backbone's receptive field): (image, truth,
+    map); the threshold 0 lies at a third of the blob's height."""
+    rng = np.random.default_rng(seed)
+    img = 128 + rng.normal(0, 8, (n, n))
+    gt = np.zeros((n, n), np.uint8)
+    cv2.circle(gt, centre, 8, 1, -1)
+    img[gt > 0] -= 50
+    yy, xx = np.mgrid[:n, :n]
+    amap = 3 * np.exp(-((yy - centre[1]) ** 2 + (xx - centre[0]) ** 2) / (2 * 14.0 ** 2)) - 1
+    return np.clip(img, 0, 255).astype(np.uint8), gt, amap.astype(np.float32)
+
+
+def test_a_flagged_outline_is_redrawn_on_the_image_by_a_graph_cut():
+    """A strong defect under a broad map: cut at half height, its mask is still the blob's (IoU 0.40); redrawn on
+    the image (`predict.grabcut`: each component's pixels 0.75 of the way to its peak sure defect), it comes back
+    to the disc (0.89). The core always stays, nothing grows beyond the band around the mask, gray and BGR images
+    give the same outline, it is the same every time, and without the image or with grabcut 0 nothing changes."""
+    from core.metrics import iou
+    from core.postprocess import GRABCUT_RING, postprocess, to_peak
+    from ensemble.calibrate import FLAG_ALL
+
+    img, gt, amap = _dark_disc_under_a_broad_map()
+    p = {"threshold": 0.0, "image_threshold": FLAG_ALL, "min_area": 0, "opening": 0, "peak_frac": 0.5,
+         "median_base": True, "grabcut": 0.75}
+    cut = final_mask(amap, None, {**p, "grabcut": 0.0}, pixels=img)
+    drawn = final_mask(amap, None, p, pixels=img)
+    assert iou(cut, gt) < 0.45 and iou(drawn, gt) > 0.8  # 0.40 and 0.89
+    mask = postprocess(amap, 0.0)
+    core = to_peak(mask, amap, 0.0, 0.75).astype(bool)
+    band = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)), iterations=GRABCUT_RING)
+    assert core.any() and drawn[core].all() and not (drawn.astype(bool) & (band == 0)).any()
+    assert np.array_equal(drawn, final_mask(amap, None, p, pixels=cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)))
+    assert np.array_equal(drawn, final_mask(amap, None, p, pixels=img))
+    assert np.array_equal(final_mask(amap, None, p), cut)  # no image: the cut as before
+    # a large image with the same defect far from its corner: cut on its own window, the same outline
+    big_img, big_gt, big_map = _dark_disc_under_a_broad_map(1000, (700, 650))
+    big = final_mask(big_map, None, p, pixels=big_img)
+    assert iou(big, big_gt) > 0.8 and not big[:500].any()
+    # two models' maps of the same image judged as one (`best_on_labelled`, the oracle's and `--val-dir`'s search):
+    # the point is chosen before the graph cut, its score is that of the masks prediction writes with it
+    normal_img, normal_gt, normal_map = _dark_disc_under_a_broad_map(seed=1)
+    results = [{"map": amap, "image": None, "pixels": img}, {"map": normal_map - 1.5, "image": None,
+                                                                "pixels": normal_img}]
+    truth = [gt, np.zeros_like(gt)]
+    rehit = lambda r, t: (r["map"] >= t).astype(np.uint8)  # noqa: E731
+    plain = best_on_labelled(results, truth, rehit, 0, peak_frac=0.5, median_base=True)
+    drawn_best = best_on_labelled(results, truth, rehit, 0, peak_frac=0.5, median_base=True, grabcut=0.75)
+    point = {k: drawn_best[k] for k in ("threshold", "min_area", "image_threshold")}
+    assert point == {k: plain[k] for k in point} and drawn_best["escape"] == plain["escape"] == 0
+    written = [final_mask(r["map"], None, {**p, **point}, pixels=r["pixels"]) for r in results]
+    assert drawn_best["miou"] == pytest.approx(competition_score(written, truth)["miou"])
+    assert not np.array_equal(written[0], final_mask(amap, None, {**p, **point, "grabcut": 0.0}))  # rescored
+
+
 def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale():
     from ensemble.calibrate import FLAG_ALL, member_thresholds
 

@@ -157,18 +157,19 @@ def test_cli_export_and_onnx_backend_write_the_same_submission(tmp_path):
     # backend's mask must lie between PyTorch's final masks at the thresholds moved by 1e-4 up and down (both
     # thresholds and the post-processing are monotone in them).
     ens, params = build_ensemble([str(tmp_path / "pc.pt")], None, None, None, None, None, {}, "cpu")
-    assert params["peak_frac"] == 0.5  # the default cut, calibrated with it and carried by the file
+    assert params["peak_frac"] == 0.5 and params["grabcut"] == 0.75  # the defaults, calibrated with, carried
     cal = load_model_file(tmp_path / "pc.pt")["calibration"]
     old = {"checkpoints": [str(tmp_path / "pc.pt")], "tta": cal["tta"], "norms": [cal["norm"]],
-           "params": {k: v for k, v in cal["params"].items() if k != "peak_frac"}}
-    write_json(tmp_path / "old.json", old)  # an ensemble.json calibrated before the cut: predicts as it was
-    assert build_ensemble(None, str(tmp_path / "old.json"), None, None, None, None, {}, "cpu")[1]["peak_frac"] == 0
+           "params": {k: v for k, v in cal["params"].items() if k not in ("peak_frac", "grabcut")}}
+    write_json(tmp_path / "old.json", old)  # an ensemble.json calibrated before the rules: predicts as it was
+    before = build_ensemble(None, str(tmp_path / "old.json"), None, None, None, None, {}, "cpu")[1]
+    assert before["peak_frac"] == 0 and before["grabcut"] == 0
     shifted = [{**params, "threshold": params["threshold"] + d, "image_threshold": params["image_threshold"] + d}
                for d in (1e-4, -1e-4)]
     slack, defective = 0, 0
     for f in find_images(tc):
         r = ens.predict([read_image(f, 1)])[0]
-        inner, outer = (pixels(final_mask(r["map"], r["image"], p)) for p in shifted)
+        inner, outer = (pixels(final_mask(r["map"], r["image"], p, pixels=r["pixels"])) for p in shifted)
         slack += len(outer - inner)
         for backend in ("torch", "onnx"):
             got = points(tmp_path / backend / "submission" / f"{f.stem}.json")
