@@ -129,14 +129,15 @@ def outline_level(amap: np.ndarray, p: dict) -> float | None:
     return map_median(amap) if p.get("median_base") else None
 
 
-GRABCUT_RING = 4  # px (3x3 dilations of the mask) an outline may grow by: the "maybe background" band
-GRABCUT_MARGIN = 8  # px of sure background around that band, from which the background's colours are learnt
+GRABCUT_RING = 4  # px (3x3 dilations of the outline) an outline may grow by: the "probably normal" band
+GRABCUT_MARGIN = 8  # px of sure normal around that band, from which the surroundings' grey levels are learnt
 GRABCUT_ITERATIONS = 1
+GRABCUT_MAX_PIXELS = 1 << 20  # a larger window (a defect's band over most of a large image) keeps its outline
 _K3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
 
 
 def _bgr(pixels: np.ndarray) -> np.ndarray:
-    """An image as the 8-bit 3-channel array `cv2.grabCut` takes."""
+    """An 8-bit image (gray, or with channels) as the 3-channel array `cv2.grabCut` takes."""
     img = np.asarray(pixels)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
@@ -146,22 +147,25 @@ def _bgr(pixels: np.ndarray) -> np.ndarray:
 
 
 def grabcut_outline(outline: np.ndarray, mask: np.ndarray, amap: np.ndarray, p: dict, pixels: np.ndarray,
-                    level: float | None = None) -> np.ndarray:
-    """A flagged mask's outline redrawn on the image itself (`cv2.grabCut`, a graph cut between two colour models):
-    each component's core, the pixels at least `p["grabcut"]` of the way from its base to its peak (`to_peak`, from
-    `level` where it applies), is sure defect; the outline so far (`outline`) is probably defect; a band of
-    GRABCUT_RING px around the post-processed `mask` is probably normal; the GRABCUT_MARGIN px beyond are sure
-    normal. The map says where a defect is; its edges are the image's: a feature distance spreads a strong
-    defect's evidence over the backbone's receptive field, and the half-height cut cannot know how far.
-    Each region (a component of the band) is cut on its own window, so a large image costs what its defects
-    cover. A region without a core, or one the cut cannot split (no normal or no defect pixels to learn from),
-    keeps its outline; nothing is added outside the band, and the core always stays, so the decision never
-    changes. Deterministic (OpenCV's RNG seeded for each cut)."""
+                    level: float | None = None, roi: np.ndarray | None = None) -> np.ndarray:
+    """A flagged mask's outline redrawn on the image itself (`cv2.grabCut`, a graph cut between a Gaussian-mixture
+    model of the defect's grey levels and one of its surroundings'): each component's core, the pixels of the
+    post-processed `mask` at least `p["grabcut"]` of the way from its base to its peak (`to_peak`, from `level`
+    where it applies), is sure defect; the outline so far (`outline`) is probably defect; a band of GRABCUT_RING px
+    around it is probably normal; the rest of a window GRABCUT_MARGIN px wider is sure normal. The map says where a
+    defect is; its edges are the image's: a feature distance spreads a strong defect's evidence over the
+    backbone's receptive field, and the cut at half height cannot know how far.
+    Each region (a component of the band) is cut on its own window, so an image costs what its outlines cover. A
+    region without a core, without sure-normal pixels (an outline over its whole window), larger than
+    GRABCUT_MAX_PIXELS, or one the cut cannot split, keeps its outline. Nothing is added outside the band or the
+    `roi`, and the core always stays, so the decision never changes. Deterministic (OpenCV's RNG seeded for each
+    cut)."""
     core = to_peak(mask, amap, p["threshold"], p["grabcut"], level).astype(bool) & (outline > 0)
     if not core.any() or pixels is None or np.asarray(pixels).shape[:2] != outline.shape:
         return outline
-    img = _bgr(pixels)
-    band = cv2.dilate(mask.astype(np.uint8), _K3, iterations=GRABCUT_RING)
+    band = cv2.dilate(outline.astype(np.uint8), _K3, iterations=GRABCUT_RING)
+    if roi is not None:
+        band &= (roi > 0).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(band, connectivity=8)
     out = outline.astype(np.uint8).copy()
     H, W = outline.shape
@@ -169,8 +173,9 @@ def grabcut_outline(outline: np.ndarray, mask: np.ndarray, amap: np.ndarray, p: 
     for i in range(1, n):
         x, y, w, h = stats[i, :4]
         win = np.s_[max(0, y - m):min(H, y + h + m), max(0, x - m):min(W, x + w + m)]
-        region, sure = labels[win] == i, core[win] & (labels[win] == i)
-        if not sure.any():
+        region = labels[win] == i
+        sure = core[win] & region
+        if not sure.any() or region.all() or region.size > GRABCUT_MAX_PIXELS:
             continue
         gc = np.full(region.shape, cv2.GC_BGD, np.uint8)
         gc[region] = cv2.GC_PR_BGD
@@ -178,26 +183,25 @@ def grabcut_outline(outline: np.ndarray, mask: np.ndarray, amap: np.ndarray, p: 
         gc[sure] = cv2.GC_FGD
         cv2.setRNGSeed(0)
         try:
-            cv2.grabCut(img[win], gc, None, np.zeros((1, 65)), np.zeros((1, 65)), GRABCUT_ITERATIONS,
+            cv2.grabCut(_bgr(pixels[win]), gc, None, np.zeros((1, 65)), np.zeros((1, 65)), GRABCUT_ITERATIONS,
                         cv2.GC_INIT_WITH_MASK)
-        except cv2.error:  # one colour model without samples: the region keeps its outline
+        except cv2.error:  # one model without samples: the region keeps its outline
             continue
-        got = region & ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD))
-        out[win][region] = got[region]
+        out[win][region] = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD))[region]
     return out
 
 
 def flagged_outline(mask: np.ndarray, amap: np.ndarray, p: dict, gate: np.ndarray | None = None,
-                    pixels: np.ndarray | None = None) -> np.ndarray:
+                    pixels: np.ndarray | None = None, roi: np.ndarray | None = None) -> np.ndarray:
     """What the post-processed mask of a crop judged defective becomes: cut towards each component's peak
     (`to_peak`, `p["peak_frac"]`, absent: 0), measured from `outline_level` for the components that reach it
     (`p["median_base"]`, absent: off), then, with an ensemble's `agreement` (`gate`), trimmed to where its models
     agree (`shaped`), then, with the image's `pixels` and `p["grabcut"]` (absent: 0, off), redrawn on the image
-    (`grabcut_outline`). None of it changes the decision."""
+    within the `roi` (`grabcut_outline`). None of it changes the decision."""
     level = outline_level(amap, p)
     cut = shaped(to_peak(mask, amap, p["threshold"], p.get("peak_frac", 0.0), level), gate, p["min_area"])
     if p.get("grabcut") and pixels is not None and cut.any():
-        return grabcut_outline(cut, mask, amap, p, pixels, level)
+        return grabcut_outline(cut, mask, amap, p, pixels, level, roi)
     return cut
 
 
@@ -209,4 +213,4 @@ def final_mask(amap: np.ndarray, image: float | None, p: dict, roi: np.ndarray |
     mask = postprocess(amap, p["threshold"], p["min_area"], p["opening"], roi, hits)
     if not decide(mask, amap, image, p["image_threshold"]):
         return np.zeros_like(mask)
-    return flagged_outline(mask, amap, p, gate, pixels)
+    return flagged_outline(mask, amap, p, gate, pixels, roi)

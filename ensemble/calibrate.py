@@ -271,7 +271,7 @@ def operating_point(normal: list[dict], synthetic: list[dict], synthetic_gt: lis
 def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable, opening: int,
                      rois: list | None = None, extra_thresholds: Sequence[float] = (),
                      gates: list | None = None, peak_frac: float = 0.0, median_base: bool = False,
-                     grabcut: float = 0.0) -> dict:
+                     grabcut: float = 0.0, also: dict | None = None) -> dict:
     """Thresholds that maximise the competition score on a labelled set (real crops of a user, or the test crops
     themselves for the oracle that measures calibration loss: then it reports, it chooses nothing). `gates`: each
     image's agreement mask when the ensemble shapes its masks (`core.postprocess.shaped`). `peak_frac`: the masks
@@ -279,8 +279,9 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
     searched); `median_base`: measured from each image's median where it lies above the threshold, as prediction
     measures them (`core.postprocess.outline_level`). `grabcut`: the masks prediction writes are redrawn on the image
     (`core.postprocess.grabcut_outline`; results with their "pixels"): too slow for every point of the search, so
-    the RESCORED best points on the masks before it are scored again on the masks as prediction writes them, and
-    the best of those is returned with those figures (the decisions are the same, only mIoU moves)."""
+    the RESCORED best points on the masks before it are scored again on the masks as prediction writes them, with
+    `also` (a point of its own: the calibrated one, so the oracle never lies below it), and the best of those is
+    returned with those figures (the decisions are the same, only mIoU moves)."""
     labels = np.array([g.any() for g in gt])
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
     maps = [r["map"] for r in results]
@@ -314,7 +315,7 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
     if not drawn or best is None:
         return best
     rescored = []
-    for _, _, point in sorted(top, key=lambda e: (-e[0], -e[1])):
+    for point in [e[2] for e in sorted(top, key=lambda e: (-e[0], -e[1]))] + ([also] if also else []):
         p = {**{k: point[k] for k in ("threshold", "min_area", "image_threshold")}, "opening": opening,
              "peak_frac": peak_frac, "median_base": median_base, "grabcut": grabcut}
         masks = [final_mask(r["map"], r["image"], p, roi, rehit(r, p["threshold"]), g, r["pixels"]) for r, roi, g in
@@ -540,7 +541,7 @@ def _judged(r: dict, rehit: Callable, params: dict, roi) -> tuple[np.ndarray, fl
     ev, flagged = evidence(mask, r["map"], r["image"]), decide(mask, r["map"], r["image"], params["image_threshold"])
     if flagged:
         mask = flagged_outline(mask, r["map"], params, agreement(r.get("per_model"), params.get("shape")),
-                               r.get("pixels"))
+                               r.get("pixels"), roi)
     return mask, ev, flagged
 
 

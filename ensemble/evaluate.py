@@ -142,6 +142,7 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     results = [{"map": m, "image": heads.get(s), "pixels": None if images is None else im}
                for m, s, im in zip(maps, stems, images or [None] * len(maps))]
     rois = rois_for(images, roi) if roi else None
+    point = ("threshold", "min_area", "image_threshold")  # the calibrated one: scored too, as prediction drew it
     gates = None  # an ensemble that shaped its masks stored where its models agree: the oracle shapes them too
     if params.get("shape") is not None:
         if not all((pred_dir / "gates" / f"{s}.png").is_file() for s in stems):
@@ -149,7 +150,8 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         gates = [read_mask(pred_dir / "gates" / f"{s}.png") for s in stems]
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
                             rois, [params["threshold"]] if "threshold" in params else [], gates,
-                            params.get("peak_frac", 0.0), params.get("median_base", False), params.get("grabcut", 0.0))
+                            params.get("peak_frac", 0.0), params.get("median_base", False), params.get("grabcut", 0.0),
+                            also={k: params[k] for k in point} if all(k in params for k in point) else None)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

@@ -775,10 +775,20 @@ def test_a_flagged_outline_is_redrawn_on_the_image_by_a_graph_cut():
     cut = final_mask(amap, None, {**p, "grabcut": 0.0}, pixels=img)
     drawn = final_mask(amap, None, p, pixels=img)
     assert iou(cut, gt) < 0.45 and iou(drawn, gt) > 0.8  # 0.40 and 0.89
-    mask = postprocess(amap, 0.0)
-    core = to_peak(mask, amap, 0.0, 0.75).astype(bool)
-    band = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)), iterations=GRABCUT_RING)
-    assert core.any() and drawn[core].all() and not (drawn.astype(bool) & (band == 0)).any()
+    def band(outline):
+        return cv2.dilate(outline, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)), iterations=GRABCUT_RING)
+
+    core = to_peak(postprocess(amap, 0.0), amap, 0.0, 0.75).astype(bool)
+    assert core.any() and drawn[core].all() and not (drawn.astype(bool) & (band(cut) == 0)).any()
+    # a drifted map, above the threshold over the whole image (measured from its median): the band follows the
+    # outline, not the whole-image mask, so the cut still has normal pixels to learn from and does not spread
+    drifted_cut = final_mask(amap + 1.5, None, {**p, "grabcut": 0.0}, pixels=img)
+    drifted = final_mask(amap + 1.5, None, p, pixels=img)
+    assert postprocess(amap + 1.5, 0.0).all() and not (drifted.astype(bool) & (band(drifted_cut) == 0)).any()
+    assert iou(drifted, gt) > iou(drifted_cut, gt)
+    roi = np.zeros_like(gt)
+    roi[:, :64] = 1  # the left half: the disc's right half lies outside, and so stays
+    assert not final_mask(amap, None, p, roi=roi, pixels=img)[:, 64:].any()
     assert np.array_equal(drawn, final_mask(amap, None, p, pixels=cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)))
     assert np.array_equal(drawn, final_mask(amap, None, p, pixels=img))
     assert np.array_equal(final_mask(amap, None, p), cut)  # no image: the cut as before
