@@ -17,10 +17,9 @@ probability grid. With labelled real crops (`labelled`), the score on them choos
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 from typing import Callable, Sequence
-
-import heapq
 
 import cv2
 import numpy as np
