@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from core.metrics import competition_score  # noqa: E402
 from core.modelfile import load_model_file, model_paths  # noqa: E402
-from core.postprocess import agreement, final_mask  # noqa: E402
+from core.postprocess import OUTLINE_RULES, agreement, final_mask  # noqa: E402
 from core.io import atomic_write_bytes, competition_dir, read_image  # noqa: E402
 from benchmarks.run import interrupted_steps  # noqa: E402
 from ensemble.calibrate import calibration_pools, fit_norms, member_thresholds, normal_crops, operating_point, \
@@ -61,9 +61,8 @@ def sweep(part_dir: Path, files: list[str], targets: list[float], hybrid_tta: st
             best = operating_point(res_n, res_s, syn[1], ens.rehit, 0, t, None, balance, gates_s,
                                    c.get("spend_budget", False))  # as the model's own calibration searched
             p = {"threshold": best["threshold"], "image_threshold": best["image_threshold"],
-                 "min_area": best["min_area"], "opening": 0, "peak_frac": cfg["predict"].get("peak_frac", 0.0),
-                 "median_base": cfg["predict"].get("median_base", False),
-                 "grabcut": cfg["predict"].get("grabcut", 0.0)}
+                 "min_area": best["min_area"], "opening": 0,
+                 **{k: cfg["predict"].get(k, off) for k, off in OUTLINE_RULES.items()}}
             pred = [final_mask(r["map"], r["image"], p, hits=ens.rehit(r, p["threshold"]), gate=g, pixels=r["pixels"])
                     for r, g in zip(res_t, gates_t)]
             out[balance].append(competition_score(pred, gt)["score"])

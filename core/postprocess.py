@@ -129,6 +129,9 @@ def outline_level(amap: np.ndarray, p: dict) -> float | None:
     return map_median(amap) if p.get("median_base") else None
 
 
+# The rules that draw a flagged mask's outline (`flagged_outline`), each with its value when off: what a model file
+# or ensemble.json calibrated before a rule existed predicts with, and what scoring synthetic defects uses
+OUTLINE_RULES = {"peak_frac": 0.0, "median_base": False, "grabcut": 0.0}
 GRABCUT_RING = 4  # px (3x3 dilations of the outline) an outline may grow by: the "probably normal" band
 GRABCUT_MARGIN = 8  # px of sure normal around that band, from which the surroundings' grey levels are learnt
 GRABCUT_ITERATIONS = 1

@@ -29,8 +29,8 @@ from core.io import write_json, write_png
 from core.progress import task
 from core.metrics import competition_score
 from core.modelfile import load_model_file, relative_checkpoints, set_calibration
-from core.postprocess import (agreement, decide, evidence, final_mask, flagged_outline, outline_level, peak_cut,
-                              postprocess)
+from core.postprocess import (OUTLINE_RULES, agreement, decide, evidence, final_mask, flagged_outline,
+                              outline_level, peak_cut, postprocess)
 from seg.models.features import tail_standardiser
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig, part_region
 from synth.preview import caption, grid, outline
@@ -385,9 +385,8 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
     norms, on_normal = predict_normal(ens, normal)  # one pass: the normalisers, then the crops with them
     params = {k: defaults[k] for k in ("threshold", "image_threshold", "min_area", "opening")}
     params["roi"] = roi = defaults.get("roi")
-    params["peak_frac"] = defaults.get("peak_frac", 0.0)  # absent from an older file's config: no cut
-    params["median_base"] = bool(defaults.get("median_base", False))  # absent: outlines from the threshold
-    params["grabcut"] = defaults.get("grabcut", 0.0)  # absent: outlines not redrawn on the image
+    # a rule absent from an older file's config is off: no cut, outlines from the threshold, not redrawn
+    params.update({key: type(off)(defaults.get(key, off)) for key, off in OUTLINE_RULES.items()})
     params["shape"] = member_thresholds(ens, norms) if shape else None
     if shape and params["shape"] is None and len(ens.models) > 1 and warn:
         warn("masks not trimmed to where the models agree: a model file carries no calibration of its own "

@@ -23,6 +23,7 @@ from torch import nn
 
 from core import __version__
 from core.io import InputError, atomic_write_bytes
+from core.postprocess import OUTLINE_RULES
 
 from .models import Ensemble, tta_mean
 
@@ -93,7 +94,7 @@ def export_onnx(ens: Ensemble, params: dict, out: str | Path, opset: int = 17) -
             "merge": ens.merge, "vote_k": ens.vote_k, "weights": [float(w) for w in ens.weights],
             "models": len(ens.models), "heads": heads, "checkpoints": ["/".join(Path(p).parts[-2:]) for p in ens.paths],
             "params": {k: params[k] for k in ("threshold", "image_threshold", "min_area", "opening", "shape",
-                                              "peak_frac", "median_base", "grabcut") if k in params},
+                                              *OUTLINE_RULES) if k in params},
             "roi": params.get("roi"), "exporter": exporter}
     del model.metadata_props[:]
     entry = model.metadata_props.add()

@@ -24,7 +24,7 @@ import baseline  # noqa: F401  (registers padim, patchcore and ssim_ae in the on
 from seg.config import per_model
 from seg.models import model_from_config
 from core.io import InputError
-from core.postprocess import agreement, final_mask
+from core.postprocess import OUTLINE_RULES, agreement, final_mask
 
 STRIDE = 32  # the deepest encoder stride: whole-image windows are padded to a multiple of it
 TTA = {"none": lambda: None,
@@ -390,7 +390,7 @@ def build_ensemble(checkpoint, ensemble_file, tta, merge, vote_k, weights, overr
              "calibration, thresholds are the config's defaults; `ensemble calibrate` chooses them for the ensemble")
     p.update(spec.get("params", {}))
     source = spec.get("params") if spec else (cal["params"] if cal and len(paths) == 1 else None)
-    for key, before in (("peak_frac", 0.0), ("median_base", False), ("grabcut", 0.0)):  # calibrated before: as then
+    for key, before in OUTLINE_RULES.items():  # calibrated before the rule: predict as then
         if source is not None and key not in source:
             p[key] = before
     for key in ("tta", "merge", "vote_k", "weights"):

@@ -31,7 +31,7 @@ from core.progress import progress_to
 from core.modelfile import load_model_file, save_model_file
 from core.workers import STALL_SECONDS, WorkerError, limit_threads
 from core.workers import context as worker_context
-from core.postprocess import final_mask
+from core.postprocess import OUTLINE_RULES, final_mask
 from synth.dataset import SynthDataset, crops_tensor, to_tensors
 from synth.engine import DefectSynthesizer, SourcePool, SynthConfig
 from synth.streams import NORMAL, VALIDATION, stream
@@ -93,7 +93,7 @@ def evaluate_set(model, images, masks, predict_cfg: dict, device, loss_fn=None) 
     # the outline rules (the cut towards each component's peak, its base, the graph cut on the image) are for real
     # defects' broad maps: synthetic ones, which this set holds, cannot judge them (README, "A flagged mask cut at
     # half its height"), so they play no part in choosing the model
-    predict_cfg = {**predict_cfg, "peak_frac": 0.0, "median_base": False, "grabcut": 0.0}
+    predict_cfg = {**predict_cfg, **OUTLINE_RULES}
     pred, gt = [], []
     for i in range(len(images)):
         head = None if heads is None else float(heads[i])
