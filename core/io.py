@@ -51,6 +51,12 @@ def find_images(root: str | Path, warn=None) -> list[Path]:
     return found
 
 
+def stem_of(path: Path, root: Path) -> str:
+    """An image's name below `root` as one file stem (sub-folders joined by "__"): what prediction names its
+    outputs, and what evaluation pairs them by."""
+    return Path(path).relative_to(root).with_suffix("").as_posix().replace("/", "__")
+
+
 def to_uint8(img: np.ndarray, path: str | Path = "") -> np.ndarray:
     """Scale 16-bit to 8-bit (divide by 257); pass uint8 through; anything else is an InputError."""
     if img.dtype == np.uint8:

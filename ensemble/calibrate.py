@@ -562,6 +562,8 @@ def calibration_sheet(path: str | Path | None, rehit: Callable, params: dict, no
     be flagged); `path` None: no picture. A picture that cannot be written is a warning: the calibration stands
     without it."""
     images, results, rois, where = normal
+    # results of one pass over the crops (`predict_normal`) do not carry their image: drawn as prediction draws them
+    results = [r if r.get("pixels") is not None else {**r, "pixels": im} for r, im in zip(results, images)]
     judged = [_judged(r, rehit, params, rois[i] if rois else None) for i, r in enumerate(results)]
     tiles, loudest = [], []
     for i in sorted(range(len(images)), key=lambda i: (judged[i][0].any(), judged[i][1]), reverse=True)[:n]:

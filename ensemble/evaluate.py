@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from core.io import InputError, atomic_write_bytes, encode_png, find_images, read_image, read_json_file, \
-    read_mask, write_json
+    read_mask, stem_of, write_json
 from synth.preview import outline
 
 from core.metrics import average_precision, competition_score, dice_iou, iou, roc_auc
@@ -20,10 +20,6 @@ from .submission import read_submission, record_to_mask, text_name
 
 GT_MASK_DIRS = ("TC_Masks", "masks", "Masks")
 GT_LABEL_DIRS = ("TC_Labels", "labels")
-
-
-def stem_of(path: Path, root: Path) -> str:
-    return path.relative_to(root).with_suffix("").as_posix().replace("/", "__")
 
 
 def load_ground_truth(image_dir: str | Path) -> tuple[list[Path], list[str], list[np.ndarray]]:
@@ -138,7 +134,12 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     maps = maps if maps is not None else [load_map(pred_dir / "maps" / f"{s}.npy") for s in stems]
     params = summary.get("params", {})
     roi = params.get("roi")
-    images = [read_image(p) for p in find_images(image_dir)] if roi or params.get("grabcut") else None
+    images = None
+    if roi or params.get("grabcut"):  # each stem's own image, read as prediction read it (its model's channels)
+        by_stem = {stem_of(p, Path(image_dir)): p for p in find_images(image_dir)}
+        if not all(s in by_stem for s in stems):
+            return None
+        images = [read_image(by_stem[s], summary.get("channels", 1)) for s in stems]
     results = [{"map": m, "image": heads.get(s), "pixels": None if images is None else im}
                for m, s, im in zip(maps, stems, images or [None] * len(maps))]
     rois = rois_for(images, roi) if roi else None

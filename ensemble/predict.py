@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from core.io import InputError, encode_png, find_images, read_image, read_mask, write_json
+from core.io import InputError, encode_png, find_images, read_image, read_mask, stem_of, write_json
 from synth.preview import outline
 
 from .models import Ensemble
@@ -118,7 +118,7 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
                         roi_by_shape[h, w] = cv2.resize(roi_mask, (w, h), interpolation=cv2.INTER_NEAREST)
                     rmask = roi_by_shape[h, w]
                 mask, gate = ens.judge(r, params, rmask)
-                stem = p.relative_to(image_dir).with_suffix("").as_posix().replace("/", "__")
+                stem = stem_of(p, image_dir)
                 n_def += int(mask.any())
                 median = map_median(r["map"])
                 drifted += int(median is not None and median > params["threshold"])
@@ -141,8 +141,8 @@ def run_predict(ens: Ensemble, image_dir: str | Path, out: str | Path, params: d
         write_zip(tmp / "submission", tmp / "submission.zip", zip_prefix or f"data/{image_dir.name}")
         summary = {"images": len(rows), "defective": n_def, "median_above_threshold": drifted, "seconds": seconds,
                    "images_per_s": len(rows) / seconds if seconds > 0 else 0.0,
-                   "checkpoints": ens.paths, "tta": ens.tta_mode, "merge": ens.merge, "params": params,
-                   "image_dir": str(image_dir)}
+                   "checkpoints": ens.paths, "channels": ens.channels, "tta": ens.tta_mode, "merge": ens.merge,
+                   "params": params, "image_dir": str(image_dir)}
         write_json(tmp / "predict.json", summary)
         publish(tmp, out)
         if warn and drifted > DRIFT_SHARE * len(rows):

@@ -812,6 +812,70 @@ def test_a_flagged_outline_is_redrawn_on_the_image_by_a_graph_cut():
     assert not np.array_equal(written[0], final_mask(amap, None, {**p, **point, "grabcut": 0.0}))  # rescored
 
 
+def test_the_oracle_redraws_outlines_on_each_crops_own_image_read_as_prediction_read_it(tmp_path):
+    """The oracle's graph cut sees what prediction's saw: each stem's own image (not the n-th of the folder) in the
+    model's channels (`predict.json`'s "channels"). Crop `a` has a disc that differs from its surroundings in colour
+    only (the same grey level): on the colour image the cut finds it, on the gray one it cannot."""
+    from core.metrics import iou
+    from ensemble.evaluate import oracle
+
+    gray, gt, amap = _dark_disc_under_a_broad_map()
+    colour = cv2.cvtColor(np.full_like(gray, 128), cv2.COLOR_GRAY2BGR)
+    colour[gt > 0] = (200, 77, 200)  # BGR of grey level 128: invisible in gray
+    assert abs(int(cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)[gt > 0].mean()) - 128) <= 1
+    images, pred = tmp_path / "images", tmp_path / "pred"
+    (pred / "maps").mkdir(parents=True)
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), colour)
+    cv2.imwrite(str(images / "b.png"), gray)
+    for stem in ("a", "b"):
+        np.save(pred / "maps" / f"{stem}.npy", amap)
+    (pred / "scores.csv").write_text("stem,image_head\na,\nb,\n")
+    params = {"threshold": 0.0, "image_threshold": 0.0, "min_area": 0, "opening": 0, "peak_frac": 0.5,
+              "median_base": True, "grabcut": 0.75}
+    rehit = lambda r, t: (r["map"] >= t).astype(np.uint8)  # noqa: E731
+
+    def read_as(channels, stems):
+        (pred / "predict.json").write_text(json.dumps({"params": params, "channels": channels, "merge": "mean"}))
+        return oracle(pred, images, stems, [gt] * len(stems))["miou"]
+
+    def best(pixels, key="miou"):
+        found = best_on_labelled([{"map": amap, "image": None, "pixels": pixels}], [gt], rehit, 0, None, [0.0],
+                                 peak_frac=0.5, median_base=True, grabcut=0.75,
+                                 also={k: params[k] for k in ("threshold", "min_area", "image_threshold")})
+        return found[key] if key else found
+
+    on_colour, on_gray = best(read_image(images / "a.png", 3)), best(read_image(images / "a.png", 1))
+    assert on_colour > 0.95 and on_colour > on_gray + 0.1  # 1.0 and 0.86
+    found = best(read_image(images / "a.png", 3), None)
+    point = {k: found[k] for k in ("threshold", "min_area", "image_threshold")}
+    drawn = final_mask(amap, None, {**params, **point}, pixels=read_image(images / "a.png", 3))
+    assert iou(drawn, gt) == pytest.approx(on_colour)  # what prediction writes at that point
+    assert read_as(3, ["a", "b"]) > read_as(1, ["a", "b"])
+    assert read_as(3, ["a"]) == pytest.approx(on_colour) and read_as(1, ["a"]) == pytest.approx(on_gray)
+    # only crop b scored: its own image, the dark disc, not the folder's first (a)
+    on_b = best(read_image(images / "b.png", 1))
+    assert read_as(1, ["b"]) == pytest.approx(on_b) and abs(on_b - on_gray) > 0.05
+
+
+def test_the_calibration_sheet_draws_the_normal_crops_as_prediction_would(monkeypatch):
+    """The held-out normal crops come from one pass of the networks (`predict_normal`), without their images; the
+    sheet still draws each flagged one with the outline prediction would write (the graph cut on the crop)."""
+    import ensemble.calibrate as calibrate_module
+
+    img, gt, amap = _dark_disc_under_a_broad_map()
+    p = {"threshold": 0.0, "image_threshold": 0.0, "min_area": 0, "opening": 0, "peak_frac": 0.5,
+         "median_base": True, "grabcut": 0.75}
+    drawn = []
+    monkeypatch.setattr(calibrate_module, "outline", lambda image, mask, *a: drawn.append(mask) or
+                        cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    shown = calibrate_module.calibration_sheet(
+        None, lambda r, t: (r["map"] >= t).astype(np.uint8), p, ([img], [{"map": amap, "image": None}], None, None),
+        ([], [], None, []), 1)
+    assert shown[0]["flagged"] and np.array_equal(drawn[0], final_mask(amap, None, p, pixels=img))
+    assert not np.array_equal(drawn[0], final_mask(amap, None, p))  # not the outline before the graph cut
+
+
 def test_member_thresholds_move_each_models_own_threshold_to_the_ensembles_scale():
     from ensemble.calibrate import FLAG_ALL, member_thresholds
 
