@@ -6,8 +6,9 @@
 
 Per part: trains the default segmenter (configs/default.yaml, the same for every set), fits PaDiM, PatchCore and
 the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
-SimpleNet or RealNet + PatchCore, the evidence UNet + PaDiM, or the three, on request: `--methods
-realnet,hybrid_realnet`, `--methods hybrid_evidence_padim,hybrid_evidence3`; PatchCore on crops zoomed by 2, on
+SimpleNet or RealNet + PatchCore, the evidence UNet + PaDiM, or the three, or both segmenters + PatchCore, on
+request: `--methods realnet,hybrid_realnet`, `--methods hybrid_evidence_padim,hybrid_evidence3`, `--methods
+hybrid_both`; PatchCore on crops zoomed by 2, on
 request too: `--methods patchcore,patchcore_zoom`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
@@ -59,11 +60,14 @@ ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
         "Hybrid SimpleNet + PatchCore": ("hybrid_simplenet", ["simplenet", "patchcore"]),
         "Hybrid RealNet + PatchCore": ("hybrid_realnet", ["realnet", "patchcore"]),
         "Hybrid Evidence UNet + PaDiM": ("hybrid_evidence_padim", ["evidence", "padim"]),
-        "Hybrid Evidence UNet + PaDiM + PatchCore": ("hybrid_evidence3", ["evidence", "padim", "patchcore"])}
+        "Hybrid Evidence UNet + PaDiM + PatchCore": ("hybrid_evidence3", ["evidence", "padim", "patchcore"]),
+        "Hybrid Evidence UNet + UNet + PatchCore": ("hybrid_both", ["evidence", "unet", "patchcore"])}
 METHODS = tuple(method for method, _ in ROWS.values())
-# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM (and PatchCore)
-# and PatchCore on crops zoomed by 2 (about 3 times the fit time and 6 times the predict time of PatchCore's row)
-ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim", "hybrid_evidence3", "patchcore_zoom")
+# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM (and PatchCore), both
+# segmenters with PatchCore (two trainings) and PatchCore on crops zoomed by 2 (about 3 times the fit time and 6 times
+# the predict time of PatchCore's row)
+ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim", "hybrid_evidence3", "hybrid_both",
+              "patchcore_zoom")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 # --quick: the default method (configs/default.yaml: evidence UNet + PatchCore), its two members alone, and so
 # PatchCore, the training-free reference: the five development parts in under 20 minutes on 2 cores
