@@ -43,6 +43,7 @@ DEFECT_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_AREAS = (0, 3, 5, 10, 20, 40, 80)
 SIZE_EDGES = (0.005, 0.02)  # defect area / crop area: small, medium, large (see `size_bins`)
 RESCORED = 8  # `best_on_labelled` with the graph cut: how many of its best points are scored again with it
+POINT = ("threshold", "min_area", "image_threshold")  # what an operating point's search chooses
 FLAG_ALL = -1e30  # an image threshold below every evidence: any non-empty mask is flagged (finite: valid JSON)
 
 
@@ -315,14 +316,14 @@ def best_on_labelled(results: list[dict], gt: list[np.ndarray], rehit: Callable,
         return best
     rescored = []
     for point in [e[2] for e in sorted(top, key=lambda e: (-e[0], -e[1]))] + ([also] if also else []):
-        p = {**{k: point[k] for k in ("threshold", "min_area", "image_threshold")}, "opening": opening,
+        p = {**{k: point[k] for k in POINT}, "opening": opening,
              "peak_frac": peak_frac, "median_base": median_base, "grabcut": grabcut}
         masks = [final_mask(r["map"], r["image"], p, roi, rehit(r, p["threshold"]), g, r["pixels"]) for r, roi, g in
                  zip(results, rois or [None] * len(results), gates or [None] * len(results))]
         got = competition_score(masks, list(gt))
         rescored.append({**p, **{k: got[k] for k in ("score", "escape", "overkill", "miou")}})
     best = max(rescored, key=lambda x: x["score"])  # the first of equals: the best before the cut
-    return {k: best[k] for k in ("score", "threshold", "min_area", "image_threshold", "escape", "overkill", "miou")}
+    return {k: best[k] for k in ("score", *POINT, "escape", "overkill", "miou")}
 
 
 def rois_for(images: Sequence[np.ndarray], roi) -> list | None:
@@ -399,8 +400,7 @@ def calibrate(ens: Ensemble, normal: Sequence[np.ndarray], synthetic: tuple[list
         images, gt = labelled
         results = predict_shown(ens, images, "labelled crops")
         best = best_on_labelled(results, list(gt), ens.rehit, params["opening"], rois_for(images, roi),
-                                gates=gates(results), peak_frac=params["peak_frac"],
-                                median_base=params["median_base"], grabcut=params["grabcut"])
+                                gates=gates(results), **{k: params[k] for k in OUTLINE_RULES})
         mode = "labelled"
     else:
         if synthetic is None or not len(synthetic[0]):

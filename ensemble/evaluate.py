@@ -16,6 +16,7 @@ from core.io import InputError, atomic_write_bytes, encode_png, find_images, rea
 from synth.preview import outline
 
 from core.metrics import average_precision, competition_score, dice_iou, iou, roc_auc
+from core.postprocess import OUTLINE_RULES
 from .submission import read_submission, record_to_mask, text_name
 
 GT_MASK_DIRS = ("TC_Masks", "masks", "Masks")
@@ -122,7 +123,7 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     `maps`, the same already loaded by `load_predictions`) and image scores (reporting only: it chooses nothing).
     None when the folder cannot say (no maps, a vote merge, whose hits are not a threshold of the mean map, or an
     ensemble that trimmed its masks without its gates/ beside them)."""
-    from .calibrate import best_on_labelled, rois_for
+    from .calibrate import POINT, best_on_labelled, rois_for
 
     pred_dir = Path(pred_dir)
     summary = read_json_file(pred_dir / "predict.json") if (pred_dir / "predict.json").exists() else {}
@@ -143,7 +144,6 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
     results = [{"map": m, "image": heads.get(s), "pixels": None if images is None else im}
                for m, s, im in zip(maps, stems, images or [None] * len(maps))]
     rois = rois_for(images, roi) if roi else None
-    point = ("threshold", "min_area", "image_threshold")  # the calibrated one: scored too, as prediction drew it
     gates = None  # an ensemble that shaped its masks stored where its models agree: the oracle shapes them too
     if params.get("shape") is not None:
         if not all((pred_dir / "gates" / f"{s}.png").is_file() for s in stems):
@@ -151,8 +151,9 @@ def oracle(pred_dir: str | Path, image_dir: str | Path, stems: list[str], gt: li
         gates = [read_mask(pred_dir / "gates" / f"{s}.png") for s in stems]
     return best_on_labelled(results, gt, lambda r, t: (r["map"] >= t).astype(np.uint8), params.get("opening", 0),
                             rois, [params["threshold"]] if "threshold" in params else [], gates,
-                            params.get("peak_frac", 0.0), params.get("median_base", False), params.get("grabcut", 0.0),
-                            also={k: params[k] for k in point} if all(k in params for k in point) else None)
+                            **{k: params.get(k, off) for k, off in OUTLINE_RULES.items()},
+                            # the calibrated point: scored too, as prediction drew it
+                            also={k: params[k] for k in POINT} if all(k in params for k in POINT) else None)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
