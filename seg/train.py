@@ -424,7 +424,8 @@ class Trainer:
 
     def summary(self, row: dict) -> str:
         keys = ("train_loss", "val_loss", "val_score", "val_dice", "val_image_acc", "real_score", "real_dice")
-        parts = [f"{k}={row[k]:.4f}" for k in keys if k in row]
+        # a model with nothing to learn by gradient has no train loss (NaN in metrics.csv): not printed as "nan"
+        parts = [f"{k}={row[k]:.4f}" for k in keys if k in row and not math.isnan(row[k])]
         return f"epoch {row['epoch']}: " + " ".join(parts) + f" ({row['seconds']:.0f}s)"
 
 

@@ -251,8 +251,12 @@ def test_baselines_go_through_the_shared_pipeline(fitted):
 def test_fit_baseline_is_seg_train_with_the_baseline_settings_and_writes_one_file(fitted, tmp_path):
     cfg = load_config(None, [f"data.ok_dir={fitted[1]}", "baseline.n_train=8", "baseline.padim_dims=32",
                              "model.arch=unet"])
-    s = fit_baseline(cfg, "padim", tmp_path / "padim.pt", log=lambda m: None)
+    said = []
+    s = fit_baseline(cfg, "padim", tmp_path / "padim.pt", log=said.append)
     assert s["fit_seconds"] > 0 and s["peak_rss_mb"] > 0
+    # nothing learnt by gradient: its epoch line has no train loss to show, and no "nan" in its place
+    epoch = [m for m in said if m.startswith("epoch 0:")]
+    assert len(epoch) == 1 and "val_score=" in epoch[0] and "train_loss" not in epoch[0] and "nan" not in epoch[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["padim.pt"]  # the run's folder is gone
     ckpt = load_model_file(tmp_path / "padim.pt")
     m = ckpt["config"]["model"]

@@ -411,6 +411,26 @@ def test_evidence_unet_sees_a_planted_defect_in_its_evidence_channel(ok_dir):
         assert torch.equal(again(crops_tensor([crop]))["mask"], out["mask"])
 
 
+def test_evidence_smoothing_is_the_box_mean_of_the_raw_distances():
+    """The evidence map is the nearest-patch distance map smoothed by a (2k+1)^2 box mean, k = 4 sigma (reflect
+    padding), computed as two 1-D passes: equal to the 2-D box to float rounding, and really smoothed."""
+    import torch.nn.functional as F
+
+    from seg.models.evidence import NormalEvidence
+
+    g = torch.Generator().manual_seed(0)
+    ev = NormalEvidence("none", coreset_ratio=0.5)
+    ev.fit(torch.rand(4, 1, 64, 64, generator=g), torch.rand(2, 1, 64, 64, generator=g))
+    x = torch.rand(2, 1, 64, 64, generator=g)
+    smoothed = ev.raw(x)
+    ev.sigma = 0.0
+    sharp = ev.raw(x)
+    box = F.avg_pool2d(F.pad(sharp, (8, 8, 8, 8), mode="reflect"), 17, 1)
+    assert smoothed.shape == sharp.shape == (2, 1, 64, 64)
+    assert torch.allclose(smoothed, box, rtol=0, atol=1e-5 * float(sharp.abs().max()))
+    assert float(smoothed.std()) < 0.95 * float(sharp.std())  # and really smoother
+
+
 def test_evidence_bank_holds_the_mirror_images_and_training_flips_only_as_the_bank_does():
     """`model.bank_flip` reaches the evidence UNet's normal bank, which then holds the OK crops' mirror images too: a
     mirrored OK crop (the training `flip`, flip TTA) is as normal to it as the crop itself, where without them the
