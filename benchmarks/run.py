@@ -8,8 +8,8 @@ Per part: trains the default segmenter (configs/default.yaml, the same for every
 the SSIM autoencoder, and builds the hybrids (UNet or evidence UNet + PatchCore, mean of their standardised maps;
 SimpleNet or RealNet + PatchCore, the evidence UNet + PaDiM, or the three, or both segmenters + PatchCore, on
 request: `--methods realnet,hybrid_realnet`, `--methods hybrid_evidence_padim,hybrid_evidence3`, `--methods
-hybrid_both`; PatchCore on crops zoomed by 2, on
-request too: `--methods patchcore,patchcore_zoom`). Every model is
+hybrid_both`; UNet 3+ and PatchCore on crops zoomed by 2, on request too: `--methods unet3plus`, `--methods
+patchcore,patchcore_zoom`). Every model is
 calibrated from the part's held-out OK images only (`ensemble.calibrate`: the test crops choose nothing); single
 models use the calibration stored in their model file by `seg train` / `baseline fit` (the README path:
 `ensemble predict -m FILE`), ensembles `ensemble calibrate`. Each method is predicted and evaluated on the part's
@@ -50,7 +50,8 @@ from ensemble.models import tta_modes  # noqa: E402
 QUICK = {"epochs": 4, "seeds": 1, "steps": 15, "val_n": 48, "n_train": 100, "ae_steps": 60}
 FULL = {"epochs": None, "seeds": None, "steps": 40, "val_n": 192, "n_train": 300, "ae_steps": 600}
 DEV_SETS = "magnetic-tile:1,aitex:1,aitex:2,aitex:3,aitex:4"
-ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),  # table row: (method, its models)
+ROWS = {"UNet": ("unet", ["unet"]), "UNet 3+": ("unet3plus", ["unet3plus"]),  # table row: (method, its models)
+        "Evidence UNet": ("evidence", ["evidence"]),
         "SimpleNet": ("simplenet", ["simplenet"]), "RealNet": ("realnet", ["realnet"]),
         "PaDiM": ("padim", ["padim"]),
         "PatchCore": ("patchcore", ["patchcore"]), "PatchCore, zoom 2": ("patchcore_zoom", ["patchcore_zoom"]),
@@ -63,11 +64,11 @@ ROWS = {"UNet": ("unet", ["unet"]), "Evidence UNet": ("evidence", ["evidence"]),
         "Hybrid Evidence UNet + PaDiM + PatchCore": ("hybrid_evidence3", ["evidence", "padim", "patchcore"]),
         "Hybrid Evidence UNet + UNet + PatchCore": ("hybrid_both", ["evidence", "unet", "patchcore"])}
 METHODS = tuple(method for method, _ in ROWS.values())
-# only with --methods: PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM (and PatchCore), both
-# segmenters with PatchCore (two trainings) and PatchCore on crops zoomed by 2 (about 3 times the fit time and 6 times
-# the predict time of PatchCore's row)
-ON_REQUEST = ("hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim", "hybrid_evidence3", "hybrid_both",
-              "patchcore_zoom")
+# only with --methods: UNet 3+ (a training more), PatchCore with SimpleNet or RealNet, the evidence UNet with PaDiM
+# (and PatchCore), both segmenters with PatchCore (two trainings) and PatchCore on crops zoomed by 2 (about 3 times
+# the fit time and 6 times the predict time of PatchCore's row)
+ON_REQUEST = ("unet3plus", "hybrid_simplenet", "hybrid_realnet", "hybrid_evidence_padim", "hybrid_evidence3",
+              "hybrid_both", "patchcore_zoom")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ON_REQUEST)
 # --quick: the default method (configs/default.yaml: evidence UNet + PatchCore), its two members alone, and so
 # PatchCore, the training-free reference: the five development parts in under 20 minutes on 2 cores
@@ -75,7 +76,8 @@ QUICK_METHODS = ("evidence", "patchcore", "hybrid_evidence")
 # the segmenters train without `seg train`'s partner: the bench fits the baselines and builds the hybrids itself. Left
 # out of a step's recorded args, which stay those of the runs made before the key existed (they are the same runs)
 NO_PARTNER = "train.partner=none"
-SEGMENTERS = (("unet", "unet", "unet_s0"), ("evidence_unet", "evidence", "evidence_s0"),
+SEGMENTERS = (("unet", "unet", "unet_s0"), ("unet3plus", "unet3plus", "unet3plus_s0"),
+              ("evidence_unet", "evidence", "evidence_s0"),
               ("simplenet", "simplenet", "simplenet_s0"),
               ("realnet", "realnet", "realnet_s0"))  # (arch, method, folder): trained by `seg train`
 # method: (`baseline fit --method`, its settings), fitted by `baseline fit`; zoom 2 with a quarter of the coreset

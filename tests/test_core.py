@@ -540,6 +540,19 @@ def test_bench_fits_patchcore_zoomed_as_its_own_file_and_only_on_request(tmp_pat
     assert set(steps) == {"fit_patchcore", "fit_patchcore_zoom"}  # each its own step: timed, reused, resumed apart
 
 
+def test_bench_trains_unet3plus_as_its_own_row_only_on_request(tmp_path, bench_steps):
+    """`--methods unet3plus`: one `seg train` with model.arch=unet3plus into its own run folder, no partner; the
+    default rows leave it out (its training takes several times the UNet's on a CPU)."""
+    bench, calls = bench_steps
+    assert "unet3plus" in bench.METHODS and "unet3plus" not in bench.DEFAULT_METHODS
+    with pytest.raises(StopBench):
+        bench.run_set("x-p1", str(tmp_path), 1, tmp_path / "out", dict(bench.FULL), ("unet3plus",), False, print)
+    assert len(calls) == 1 and calls[0][:2] == ["seg", "train"]
+    sets = [calls[0][i + 1] for i, x in enumerate(calls[0]) if x == "-s"]
+    assert "model.arch=unet3plus" in sets and bench.NO_PARTNER in sets
+    assert Path(calls[0][calls[0].index("-o") + 1]).name == "unet3plus_s0"
+
+
 def test_bench_never_resumes_what_another_run_left_and_restarts_what_cannot_resume(tmp_path, bench_steps,
                                                                                      monkeypatch):
     """A step run afresh starts from nothing (a stale last.pt of another run would be resumed later); a step that
