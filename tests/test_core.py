@@ -658,3 +658,47 @@ def test_bench_reuse_keeps_a_model_only_when_made_with_the_same_settings(tmp_pat
     assert once(tmp_path / "b", ("baseline.seed=2",)) == 1 and calls[0][-1] == "--resume"  # the same: resumed
     assert once(tmp_path / "b", ("baseline.seed=2",)) == 0
     assert json.loads((tmp_path / "b" / "steps.json").read_text())["fit_padim"]["resumed"] is True
+
+
+def test_batchnorm_folding_keeps_the_maps_and_leaves_a_shared_convolution_alone():
+    """Prediction folds each BatchNorm into the convolution before it (`fold_batchnorm`): every one of a UNet's
+    with an EfficientNet encoder, the same logits to float rounding, the loaded model itself untouched; a
+    convolution whose output also feeds something else is not folded."""
+    import segmentation_models_pytorch as smp
+
+    from core.device import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = smp.Unet("tu-tf_efficientnet_lite0", encoder_weights=None, in_channels=1, classes=1,
+                   decoder_channels=(32, 16, 16, 8, 8))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:  # statistics far from the identity, so a wrong fold shows
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.normal_(1, 0.3)
+        bn.bias.data.normal_(0, 0.3)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded, n = fold_batchnorm(net, torch.rand(2, 1, 64, 64))
+    assert n == len(norms) > 20
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the loaded model as it was
+    x = torch.rand(3, 1, 96, 128)
+    with torch.no_grad():
+        a, b = net(x), folded(x)
+    assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(a.abs().max())) and not torch.equal(a, b)
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the convolution's output is used twice: folding it would change the sum
+
+    shared = Shared()
+    shared.bn.running_var.fill_(4.0)
+    shared.eval()
+    same, n = fold_batchnorm(shared, torch.rand(2, 1, 16, 16))
+    assert same is shared and n == 0

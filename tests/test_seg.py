@@ -168,6 +168,7 @@ def test_training_writes_checkpoints_metrics_and_plot(ok_dir, tmp_path):
         direct = module(torch.from_numpy(img)[None, None].float() / 255)["mask"][0, 0].numpy()
     r = ens.predict([img, np.tile(img, (2, 3))])
     assert ens.tile == 64 and np.allclose(r[0]["map"], direct, atol=1e-5) and r[1]["map"].shape == (128, 192)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ens.models[0].modules())  # folded for prediction
 
 
 def test_training_from_a_generated_folder_respects_the_curriculum(ok_dir, tmp_path):
