@@ -56,8 +56,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) 
     and the UNet decoder have one after nearly every convolution). Found by one forward pass on `example`
     (B,C,T,T), which the model takes as `model(example)`: a BatchNorm whose input is the output of a convolution
     called once. Folded on a copy, then checked on `example`: the copy (and the number of BatchNorms folded) when
-    its outputs match the model's to `rtol` of their largest magnitude, else the model itself, unchanged (e.g. a
-    convolution whose output also feeds something else). The maps move by float rounding only."""
+    every output is within `rtol` x (1 + its largest magnitude) of the model's, else the model itself, unchanged
+    (e.g. a convolution whose output also feeds something else, or one that standardises its own weights). The
+    maps move by float rounding only."""
     calls: dict[int, int] = {}
     order = []  # (module, its input, its output): held, so no tensor's memory is reused during the pass
 
